@@ -1,0 +1,45 @@
+# Every target creates .venv on first use, so `make demo` and `make test` are the only commands a new user types.
+# GPU machines: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install lint crd test demo bench clean lock
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[trainer,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Undefined names, unused imports, import order; the generated CRD must equal the generator's output.
+lint: install
+	$(VENV)/bin/ruff check trainer_image operator tests bench
+	@if [ -f crds/kubedpo.io_dpojobs.yaml ]; then \
+	  $(VENV)/bin/kubedpo crd | diff -u crds/kubedpo.io_dpojobs.yaml - \
+	  || { echo "crds/kubedpo.io_dpojobs.yaml is stale: run 'make crd' (never edit it by hand)"; exit 1; }; fi
+
+crd: install
+	$(VENV)/bin/kubedpo crd > crds/kubedpo.io_dpojobs.yaml
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m kubedpo_trainer.demo
+
+bench: install
+	$(PY) bench/run_all.py
+
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^kubedpo' | sed 's/+cpu//' > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

@@ -1,0 +1,42 @@
+"""Every module of both packages imports, and the operator never pulls in torch.
+
+A module that cannot even be imported (undefined names, missing deps) must never land.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import kubedpo_operator
+import kubedpo_trainer
+
+
+def _modules(pkg) -> list[str]:
+    return [pkg.__name__] + [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+
+
+ALL = _modules(kubedpo_trainer) + _modules(kubedpo_operator)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_module_imports(name: str) -> None:
+    importlib.import_module(name)
+
+
+def test_both_packages_have_modules() -> None:
+    assert len(_modules(kubedpo_trainer)) > 5
+
+
+def test_operator_does_not_import_torch() -> None:
+    code = (
+        "import sys, importlib, pkgutil, kubedpo_operator as p\n"
+        "for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.'): importlib.import_module(m.name)\n"
+        "bad = [m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

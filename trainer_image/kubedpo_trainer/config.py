@@ -1,0 +1,241 @@
+"""The training half of the DPOJob spec: the single schema for the CRD, the operator and the trainer.
+
+Field names are camelCase on the wire (Kubernetes style, as in the manifests) and snake_case in
+Python. Every field has a description because the CRD generator copies them into the
+openAPIV3Schema, which is what `kubectl explain dpojob.spec.training.beta` prints.
+Unknown fields are rejected (`extra="forbid"`) so that a typo never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from .errors import ConfigError
+
+
+class Schema(BaseModel):
+    """Base of every spec model: camelCase aliases, unknown fields are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """camelCase JSON-able dict without unset optionals, as it appears in a manifest."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class LossType(StrEnum):
+    """DPO loss variants; each is one pure function in `kubedpo_trainer.losses`."""
+
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+    hinge = "hinge"
+    robust = "robust"
+    offset = "offset"
+    simpo = "simpo"
+
+
+class LoraConfig(Schema):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r of the adapter matrices.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha; the update is scaled by alpha/rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to adapt (e.g. q_proj, v_proj). Empty means every linear layer "
+        "except the output head ('all-linear').",
+    )
+    merge_on_export: bool = Field(
+        False,
+        description="Also write merged full weights to output.uri/merged/ besides the adapter.",
+    )
+
+
+class ModelConfig(Schema):
+    uri: str = Field(
+        ...,
+        min_length=1,
+        description="Policy model: a Hugging Face save_pretrained folder as s3://bucket/prefix/, "
+        "a local path, or a hub id (hf://org/name or org/name).",
+    )
+    reference_uri: str | None = Field(
+        None,
+        description="Frozen reference model; defaults to model.uri. Ignored with LoRA, where the "
+        "reference is the base model with the adapter disabled (no second copy in memory).",
+    )
+    tokenizer_uri: str | None = Field(None, description="Tokenizer folder; defaults to model.uri.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights dtype. auto: bfloat16 on GPUs that support it, float32 on CPU.",
+    )
+    lora: LoraConfig | None = Field(None, description="Train a LoRA adapter (peft) instead of all weights.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model folder.")
+
+
+class DataConfig(Schema):
+    train: str = Field(
+        ...,
+        min_length=1,
+        description="Training preference rows: an s3:// prefix, a local folder or a single file of "
+        "JSONL, JSONL.gz or Parquet shards in TRL's preference formats.",
+    )
+    eval: str | None = Field(None, description="Held-out preference rows, same formats as train.")
+    format: Literal["auto", "standard", "conversational", "implicit"] = Field(
+        "auto",
+        description="Row format. standard: {prompt, chosen, rejected} strings; conversational: "
+        "message lists rendered with the tokenizer's chat template; implicit: {chosen, rejected} "
+        "sharing a prompt prefix. auto: decided per row.",
+    )
+    max_length: int = Field(1024, ge=8, description="Maximum tokens of prompt + response per sequence.")
+    max_prompt_length: int | None = Field(
+        512, ge=1, description="Maximum prompt tokens; longer prompts are truncated (and counted)."
+    )
+    truncation_side: Literal["left", "right"] = Field(
+        "left",
+        description="Which end of a too-long prompt is dropped. left keeps the end of the prompt, "
+        "next to the response (TRL's keep_end). Responses are always cut at the right.",
+    )
+    shuffle_buffer: int = Field(
+        1000, ge=1, description="Rows held in the streaming shuffle buffer (bounds memory)."
+    )
+    seed: int = Field(42, description="Seed of shard order and buffer shuffling.")
+    on_bad_record: Literal["fail", "skip"] = Field(
+        "fail",
+        description="fail: stop with an error naming file and line; skip: drop the row and count it "
+        "in kubedpo_bad_records_total.",
+    )
+    eval_max_rows: int | None = Field(None, ge=1, description="Evaluate on at most this many eval rows.")
+
+
+class BetaSchedule(Schema):
+    kind: Literal["linear", "cosine"] = Field("linear", description="Shape of the beta schedule.")
+    final: float = Field(..., gt=0, description="Beta at the last step; training.beta is the start value.")
+
+
+class TrainingConfig(Schema):
+    loss: LossType = Field(
+        LossType.sigmoid,
+        description="sigmoid (DPO), ipo, hinge, robust (cDPO, uses labelSmoothing), offset (ODPO, "
+        "per-row margin), simpo (reference-free, length-normalised).",
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the KL constraint to the reference.")
+    beta_schedule: BetaSchedule | None = Field(None, description="Anneal beta from training.beta.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Probability that a pair's label is flipped (robust/sigmoid)."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin gamma.")
+    offset_alpha: float = Field(1.0, ge=0, description="ODPO: scale of the per-row margin.")
+    learning_rate: float = Field(5e-7, gt=0, description="Peak learning rate of AdamW.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Decay after warmup."
+    )
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
+    batch_size: int = Field(4, ge=1, description="Preference pairs per device per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the training data (unless maxSteps stops first).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    seed: int = Field(42, description="Seed of model init of new parameters, dropout and sampling.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    reference_logps: Literal["live", "precompute"] = Field(
+        "live",
+        description="live: reference forward every step; precompute: one pass before training "
+        "(reference model then freed).",
+    )
+    logging_steps: int = Field(10, ge=1, description="Log and export metrics every N steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and at the end).")
+
+
+class CheckpointConfig(Schema):
+    uri: str | None = Field(None, description="Checkpoints go to <uri>/step-<n>/ (s3:// or local).")
+    every_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps.")
+    every_minutes: float | None = Field(None, gt=0, description="Checkpoint at least this often.")
+    keep_last: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    preemption_grace_seconds: float = Field(
+        25.0, gt=0, description="Budget after SIGTERM to finish the step and write a checkpoint."
+    )
+
+
+class OutputConfig(Schema):
+    uri: str = Field(..., min_length=1, description="Final model, tokenizer and kubedpo_summary.json.")
+
+
+class S3Config(Schema):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, SeaweedFS).")
+    region: str | None = Field(None, description="S3 region.")
+    max_attempts: int = Field(8, ge=1, description="Attempts per S3 request (botocore standard mode).")
+
+
+class MetricsConfig(Schema):
+    port: int = Field(9400, ge=0, le=65535, description="Prometheus port on rank 0; 0 disables.")
+
+
+class TrainerConfig(Schema):
+    """Everything `kubedpo-trainer --config FILE` needs; the operator writes it into a ConfigMap."""
+
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    output: OutputConfig
+    s3: S3Config = Field(default_factory=S3Config)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> TrainerConfig:
+        t = self.training
+        if t.loss == LossType.simpo.value and self.model.reference_uri:
+            raise ValueError("training.loss: simpo is reference-free; remove model.referenceUri")
+        if t.reference_logps == "precompute" and t.loss == LossType.simpo.value:
+            raise ValueError("training.referenceLogps: precompute makes no sense with simpo")
+        c = self.checkpoint
+        if (c.every_steps or c.every_minutes) and not c.uri:
+            raise ValueError("checkpoint.uri: required when checkpoint.everySteps/everyMinutes is set")
+        return self
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    """One line per problem, each naming the camelCase field path, e.g. `training.beta: ...`."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> TrainerConfig:
+    """Validate a dict (as in a manifest) and raise ConfigError naming the field on failure."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return TrainerConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> TrainerConfig:
+    """Read YAML or JSON (JSON is YAML, but JSON errors read better from json)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read config: {err.strerror}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {err}") from None
+    return parse_config(data, source=str(p))

@@ -1,0 +1,103 @@
+"""Prometheus metrics of a trainer process (names per DESIGN.md: TRL's names with '/' -> '_').
+
+A private CollectorRegistry per trainer (no module-level globals), so tests can build several
+and the endpoint serves exactly what this run logged. Only rank 0 serves by default: the
+operator reads rank 0's endpoint, and one scrape target per job keeps Prometheus cheap; the
+other ranks still keep their registry so `values()` works everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "kubedpo_"
+LABELS = ("job", "namespace", "rank")
+
+# TRL's per-step DPO metrics (train and eval_ variants), each a gauge set at every logging step.
+DPO_GAUGES = (
+    "loss",
+    "rewards_chosen",
+    "rewards_rejected",
+    "rewards_accuracies",
+    "rewards_margins",
+    "logps_chosen",
+    "logps_rejected",
+    "logits_chosen",
+    "logits_rejected",
+)
+TRAIN_GAUGES = (
+    *DPO_GAUGES,
+    *(f"eval_{n}" for n in DPO_GAUGES),
+    "grad_norm",
+    "learning_rate",
+    "beta",
+    "epoch",
+    "step",
+    "total_steps",
+    "tokens_per_second",
+    "eta_seconds",
+    "last_checkpoint_step",
+    "gpu_memory_bytes",
+)
+COUNTERS = {
+    "samples": "Preference pairs trained on (this rank).",
+    "tokens": "Non-padding tokens processed (this rank).",
+    "s3_retries": "S3 requests retried and broken streams resumed.",
+    "bad_records": "Malformed data rows skipped (data.onBadRecord=skip).",
+    "truncated_prompts": "Prompts cut to data.maxPromptLength.",
+    "truncated_responses": "Responses cut to fit data.maxLength.",
+}
+HISTOGRAMS = {
+    "step_seconds": ("Wall time of one optimizer step.", (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)),
+    "data_wait_seconds": ("Time the loop waited for the next batch.", (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5)),
+    "checkpoint_seconds": ("Time the loop was blocked saving a checkpoint.", (0.1, 0.5, 1, 5, 15, 60, 300)),
+}
+
+
+class TrainerMetrics:
+    """The metrics of one trainer process, labelled job/namespace/rank."""
+
+    def __init__(self, job: str, namespace: str, rank: int) -> None:
+        self.registry = CollectorRegistry()
+        self._labels = {"job": job, "namespace": namespace, "rank": str(rank)}
+        self._gauges = {
+            n: Gauge(PREFIX + n, f"DPO {n.replace('_', ' ')}", LABELS, registry=self.registry).labels(
+                **self._labels
+            )
+            for n in TRAIN_GAUGES
+        }
+        self._counters = {
+            n: Counter(PREFIX + n, doc, LABELS, registry=self.registry).labels(**self._labels)
+            for n, doc in COUNTERS.items()
+        }
+        self._histograms = {
+            n: Histogram(PREFIX + n, doc, LABELS, buckets=b, registry=self.registry).labels(**self._labels)
+            for n, (doc, b) in HISTOGRAMS.items()
+        }
+        self._counted: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
+
+    def set(self, values: Mapping[str, float]) -> None:
+        """Set gauges by name; names that are not gauges are ignored (logs may carry more)."""
+        for name, value in values.items():
+            gauge = self._gauges.get(name)
+            if gauge is not None:
+                gauge.set(float(value))
+
+    def inc(self, name: str, amount: float = 1.0) -> None:
+        if amount:
+            self._counters[name].inc(amount)
+            self._counted[name] += amount
+
+    def sync_counter(self, name: str, total: float) -> None:
+        """Advance a counter to a running total kept elsewhere (data stats, S3 retry count)."""
+        self.inc(name, max(0.0, total - self._counted[name]))
+
+    def observe(self, name: str, seconds: float) -> None:
+        self._histograms[name].observe(seconds)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Start the /metrics endpoint; returns the bound port (port 0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return int(server.server_address[1])
