@@ -157,6 +157,7 @@ class TrainingConfig(Schema):
     )
     logging_steps: int = Field(10, ge=1, description="Log and export metrics every N steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and at the end).")
+    eval_on_start: bool = Field(False, description="Also evaluate before the first step (the baseline).")
 
 
 class CheckpointConfig(Schema):

@@ -1,0 +1,42 @@
+"""The /metrics endpoint serves every documented name with the values that were logged."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubedpo_trainer.metrics import COUNTERS, HISTOGRAMS, TRAIN_GAUGES, TrainerMetrics
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.labels.get("job") == "j1":
+                out[s.name] = s.value
+                assert s.labels == {**s.labels, "job": "j1", "namespace": "ns", "rank": "0"}
+    return out
+
+
+def test_endpoint_serves_every_name_with_logged_values() -> None:
+    m = TrainerMetrics(job="j1", namespace="ns", rank=0)
+    logged = {name: float(i) + 0.5 for i, name in enumerate(TRAIN_GAUGES)}
+    m.set({**logged, "not_a_metric": 3.0})
+    m.inc("samples", 8)
+    m.sync_counter("bad_records", 3)
+    m.sync_counter("bad_records", 5)  # a running total: the counter follows it, never double counts
+    m.observe("step_seconds", 0.3)
+    port = m.serve(0, addr="127.0.0.1")
+    got = _scrape(port)
+    for name, value in logged.items():
+        assert got[f"kubedpo_{name}"] == value, name
+    for name in COUNTERS:
+        assert f"kubedpo_{name}_total" in got
+    for name in HISTOGRAMS:
+        assert f"kubedpo_{name}_count" in got
+    assert got["kubedpo_samples_total"] == 8
+    assert got["kubedpo_bad_records_total"] == 5
+    assert got["kubedpo_step_seconds_count"] == 1 and got["kubedpo_step_seconds_sum"] == 0.3
+    assert "kubedpo_not_a_metric" not in got

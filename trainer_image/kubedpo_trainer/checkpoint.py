@@ -1,0 +1,237 @@
+"""Checkpoints that are either complete or ignored, uploaded off the training loop's path.
+
+Layout of one checkpoint (DESIGN.md):
+    <checkpoint.uri>/step-000500/
+        model.safetensors | adapter_model.safetensors   trainable weights (LoRA: the adapter only)
+        optimizer.pt, scheduler.pt, trainer_state.json  rank 0
+        rng-rank<r>.pt, data-rank<r>.json              every rank (its RNG and exact stream position)
+        rank-<r>.done                                  rank r's files are all uploaded
+        COMPLETE                                       written last, by rank 0, after every rank-<r>.done
+
+Why markers instead of a collective barrier: uploads run in a background thread per rank, and
+a barrier from a background thread would interleave with the loop's own collectives. Rank 0's
+uploader instead waits until every rank's marker is visible, then writes COMPLETE. A checkpoint
+without COMPLETE (a pod killed mid-upload) is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import storage
+from .errors import InputError, StorageError
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+_STEP_RE = re.compile(r"step-(\d+)/COMPLETE$")
+
+
+def step_dir(uri: str, step: int) -> str:
+    return storage.join(uri, f"step-{step:06d}")
+
+
+def complete_steps(uri: str) -> list[int]:
+    """Steps under `uri` that have a COMPLETE marker, ascending. A missing prefix means none."""
+    try:
+        objects = storage.list_objects(uri)
+    except InputError:
+        return []
+    steps = (_STEP_RE.search(o.uri) for o in objects)
+    return sorted({int(m.group(1)) for m in steps if m})
+
+
+def latest_complete(uri: str | None) -> int | None:
+    if not uri:
+        return None
+    steps = complete_steps(uri)
+    return steps[-1] if steps else None
+
+
+# --- model weights: the trainable part only ------------------------------------------------
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def weights_file(model: torch.nn.Module) -> str:
+    return "adapter_model.safetensors" if _is_peft(model) else "model.safetensors"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA: the adapter weights alone (MBs, not the GBs of a frozen base). Full: every weight.
+
+    Tied weights (embeddings/head) are stored once: safetensors refuses shared storage.
+    """
+    if _is_peft(model):
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = model.state_dict()
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        ptr = t.data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(state, str(path))
+
+
+def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
+    state = load_file(str(path))
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    real_missing = [k for k in missing if k not in tied]
+    if real_missing or unexpected:
+        raise InputError(f"{path}: checkpoint does not match the model: missing {real_missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+# --- RNG ------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """What one rank contributes to a checkpoint, already copied off the GPU."""
+
+    step: int
+    rank: int
+    files: dict[str, Callable[[Path], None]]  # file name -> writer into that path
+
+
+class CheckpointWriter:
+    """Saves locally on the loop's thread, uploads and marks COMPLETE on a background thread.
+
+    One upload in flight at a time: a second save waits for the first, so a slow store slows
+    checkpointing down but never piles up copies on local disk.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        staging: Path,
+        background: bool = True,
+        marker_timeout_s: float = 600.0,
+    ) -> None:
+        self.uri, self.rank, self.world_size, self.keep_last = uri, rank, world_size, keep_last
+        self.staging = staging / f"rank{rank}"
+        self.background = background
+        self.marker_timeout_s = marker_timeout_s
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, snap: Snapshot, wait: bool = False) -> float:
+        """Write `snap` locally, start its upload; returns seconds the caller was blocked."""
+        t0 = time.perf_counter()
+        self.wait()
+        local = self.staging / f"step-{snap.step:06d}"
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        for name, write in snap.files.items():
+            write(local / name)
+        if self.background and not wait:
+            self._thread = threading.Thread(
+                target=self._upload_guarded, args=(snap.step, local), name="ckpt-upload", daemon=True
+            )
+            self._thread.start()
+        else:
+            self._upload(snap.step, local)
+        return time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Block until the upload in flight is done; re-raise its failure on the loop's thread."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise StorageError(f"checkpoint upload to {self.uri} failed: {err}") from err
+
+    def _upload_guarded(self, step: int, local: Path) -> None:
+        try:
+            self._upload(step, local)
+        except BaseException as err:  # surfaced by wait() on the training thread
+            self._error = err
+
+    def _upload(self, step: int, local: Path) -> None:
+        dest = step_dir(self.uri, step)
+        storage.upload_dir(local, dest)
+        storage.write_bytes(storage.join(dest, f"rank-{self.rank}.done"), b"")
+        if self.rank == 0:
+            self._await_ranks(dest)
+            storage.write_bytes(storage.join(dest, COMPLETE), json.dumps({"step": step}).encode())
+            log.info("checkpoint complete: %s", dest)
+            self._prune()
+        shutil.rmtree(local, ignore_errors=True)
+
+    def _await_ranks(self, dest: str) -> None:
+        deadline = time.monotonic() + self.marker_timeout_s
+        for r in range(1, self.world_size):
+            marker = storage.join(dest, f"rank-{r}.done")
+            while not storage.exists(marker):
+                if time.monotonic() > deadline:
+                    raise StorageError(f"{dest}: rank {r} never finished uploading its part")
+                time.sleep(0.1)
+
+    def _prune(self) -> None:
+        steps = complete_steps(self.uri)
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            storage.delete_prefix(step_dir(self.uri, old))

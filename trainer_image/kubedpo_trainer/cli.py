@@ -1,0 +1,76 @@
+"""`kubedpo-trainer --config FILE`: train in this process, or launch N local ranks first.
+
+    kubedpo-trainer --config job.yaml                       # 1 process (CPU or 1 GPU)
+    kubedpo-trainer --config job.yaml --nproc-per-node 8    # 8 local ranks (what a pod runs)
+    torchrun --nproc-per-node 2 -m kubedpo_trainer.cli --config job.yaml   # also works
+
+Exit codes are the operator's contract: see `kubedpo_trainer.errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import load_config
+from .errors import EXIT_RETRIABLE, KubeDPOError
+from .launch import LaunchPlan, launch
+
+log = logging.getLogger("kubedpo_trainer")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kubedpo-trainer", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="Trainer config (YAML or JSON), e.g. a DPOJob's spec.")
+    p.add_argument("--check", action="store_true", help="Validate the config and exit (0 valid, 2 invalid).")
+    g = p.add_argument_group("launch (the pod's command; omit when started by torchrun/accelerate)")
+    g.add_argument("--nproc-per-node", type=int, default=None, help="Local ranks to start.")
+    g.add_argument("--nnodes", type=int, default=1)
+    g.add_argument("--node-rank", type=int, default=int(os.environ.get("JOB_COMPLETION_INDEX", "0")))
+    g.add_argument("--master-addr", default="127.0.0.1")
+    g.add_argument("--master-port", type=int, default=29500)
+    return p.parse_args(argv)
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=os.environ.get("KUBEDPO_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config)
+        if args.check:
+            print(f"{args.config}: valid")
+            return 0
+        if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+            plan = LaunchPlan(args.nnodes, args.nproc_per_node, args.node_rank, args.master_addr,
+                              args.master_port)
+            return launch(plan, ["--config", args.config])
+        from .train import Trainer  # torch is imported only when training
+
+        Trainer(cfg).run()
+        return 0
+    except KubeDPOError as err:
+        log.error("%s (exit %d)", err, err.exit_code)
+        return err.exit_code
+    except Exception:
+        log.exception("trainer crashed (exit %d)", EXIT_RETRIABLE)
+        return EXIT_RETRIABLE
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

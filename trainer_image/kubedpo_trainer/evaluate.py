@@ -1,0 +1,50 @@
+"""Held-out DPO metrics: the same loss and rewards as training, averaged over every eval pair.
+
+Each rank evaluates its own share of the eval split through the *unwrapped* model (a DDP
+forward may broadcast buffers, a collective that would hang when ranks hold unequal shares),
+then one all-reduce of (sum, count) pairs makes the average exact over the whole split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from .config import TrainerConfig
+from .data.stream import PreferenceStream
+from .forward import concatenated_forward, dpo_metrics
+from .losses import LossInputs, compute_loss
+from .metrics import DPO_GAUGES
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, tokenizer: Any, beta: float) -> dict[str, float]:
+    assert cfg.data.eval is not None
+    policy = acc.unwrap_model(models.policy)
+    was_training = policy.training
+    policy.eval()
+    stream = PreferenceStream.for_eval(cfg.data, cfg.data.eval, tokenizer, acc.process_index,
+                                       acc.num_processes, cfg.training.batch_size)
+    sums: dict[str, float] = {}
+    pairs = 0
+    for batch in stream.eval_batches(device=acc.device):
+        with acc.autocast():
+            out_policy = concatenated_forward(policy, batch)
+            ref = models.reference_logps(batch)
+            out = compute_loss(cfg.training.loss, LossInputs.from_forward(out_policy, ref, batch), beta,
+                               cfg.training)
+        n = len(batch["row_ids"])
+        for k, v in dpo_metrics(out, out_policy).items():
+            sums[k] = sums.get(k, 0.0) + v * n
+        pairs += n
+    if was_training:
+        policy.train()
+    keys = list(DPO_GAUGES)  # fixed order and length on every rank, even one with no eval pairs
+    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [float(pairs)], dtype=torch.float64, device=acc.device)
+    t = acc.reduce(t, reduction="sum")
+    total = float(t[-1])
+    if total == 0:
+        return {}
+    return {f"eval_{k}": float(v) / total for k, v in zip(keys, t[:-1].tolist(), strict=True)}

@@ -1,0 +1,282 @@
+"""The DPO training loop on accelerate: setup, step, evaluate, checkpoint, export.
+
+One readable class in the torchtune-recipe shape. Each step: one concatenated chosen+rejected
+forward of the policy (with grad) and one of the reference (no grad, or the LoRA adapter
+disabled), a loss from the registry, backward, clip, optimizer and scheduler step. The same
+code runs 1 CPU process, N local ranks (gloo) or N pods x M GPUs (nccl): accelerate reads the
+rank and rendezvous from the environment the launcher (ours, torchrun or accelerate) sets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from . import checkpoint as ckpt
+from . import storage
+from .config import TrainerConfig
+from .data.stream import PreferenceStream
+from .errors import InputError, Preempted
+from .evaluate import evaluate
+from .export import export_final
+from .forward import concatenated_forward, dpo_metrics
+from .losses import LossInputs, beta_at, compute_loss
+from .metrics import TrainerMetrics
+from .models import load_models, load_tokenizer
+from .progress import StepLogger
+from .signals import StopRequest
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig) -> None:
+        self.cfg = cfg
+        self.stop = StopRequest()
+        self.step = 0
+        self.tokens_total = 0.0
+        self.started = time.monotonic()
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        self.acc = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+        )
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        set_seed(t.seed)
+        storage.configure(cfg.s3)
+        self.metrics = TrainerMetrics(
+            job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
+            namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
+            rank=self.rank,
+        )
+        if self.rank == 0 and cfg.metrics.port:
+            self.metrics_port = self.metrics.serve(cfg.metrics.port)
+            log.info("metrics on :%d/metrics", self.metrics_port)
+        self.tokenizer = load_tokenizer(cfg, self.acc)
+        self.models = load_models(cfg, self.acc)
+        params = [p for p in self.models.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.train_stream = PreferenceStream(
+            cfg.data, cfg.data.train, self.tokenizer, self.rank, self.world, t.batch_size
+        )
+        self.total_steps = self._total_steps()
+        self.scheduler = get_scheduler(
+            t.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=math.ceil(t.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        # The scheduler is stepped by us once per optimizer step: accelerate's wrapper would
+        # step it once per process.
+        self.models.policy, self.optimizer = self.acc.prepare(self.models.policy, self.optimizer)
+        self.writer = None
+        if cfg.checkpoint.uri:
+            self.writer = ckpt.CheckpointWriter(
+                cfg.checkpoint.uri, self.rank, self.world, cfg.checkpoint.keep_last,
+                staging=Path(tempfile.mkdtemp(prefix="kubedpo-ckpt-")),
+            )
+        self._resume()
+        self.log = StepLogger(self.rank, self.total_steps, self.metrics)
+
+    def _total_steps(self) -> int:
+        t = self.cfg.training
+        per_epoch = self.train_stream.batches_per_epoch() // t.gradient_accumulation_steps
+        if per_epoch < 1 and not t.max_steps:
+            raise InputError(
+                f"{self.cfg.data.train}: too few rows for one optimizer step "
+                f"(batchSize {t.batch_size} x gradientAccumulationSteps "
+                f"{t.gradient_accumulation_steps} x {self.world} ranks)"
+            )
+        total = per_epoch * t.epochs
+        return min(total, t.max_steps) if t.max_steps and total else (t.max_steps or total)
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        step = ckpt.latest_complete(self.cfg.checkpoint.uri)
+        if step is None:
+            return
+        uri = ckpt.step_dir(self.cfg.checkpoint.uri, step)
+        local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="kubedpo-resume-")))
+        state = json.loads((local / "trainer_state.json").read_text())
+        if state["world_size"] != self.world:
+            raise InputError(
+                f"{uri}: written by {state['world_size']} ranks, this run has {self.world}; exact "
+                "resume needs the same number of ranks"
+            )
+        model = self.acc.unwrap_model(self.models.policy)
+        ckpt.load_trainable_state(model, local / ckpt.weights_file(model))
+        self.optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
+        ckpt.set_rng_state(torch.load(local / f"rng-rank{self.rank}.pt", weights_only=False))
+        self.train_stream.load_state_dict(json.loads((local / f"data-rank{self.rank}.json").read_text()))
+        self.step = step
+        log.info("resumed from %s (step %d)", uri, step)
+
+    def _snapshot(self) -> ckpt.Snapshot:
+        model = self.acc.unwrap_model(self.models.policy)
+        files: dict[str, Any] = {
+            f"rng-rank{self.rank}.pt": _torch_writer(ckpt.rng_state()),
+            f"data-rank{self.rank}.json": _json_writer(self.train_stream.state_dict()),
+        }
+        if self.rank == 0:
+            weights = ckpt.trainable_state(model)
+            files[ckpt.weights_file(model)] = lambda p: ckpt.save_trainable_state(weights, p)
+            files["optimizer.pt"] = _torch_writer(self.optimizer.state_dict())
+            files["scheduler.pt"] = _torch_writer(self.scheduler.state_dict())
+            files["trainer_state.json"] = _json_writer(
+                {"step": self.step, "world_size": self.world, "total_steps": self.total_steps}
+            )
+        return ckpt.Snapshot(self.step, self.rank, files)
+
+    def save_checkpoint(self, wait: bool = False) -> None:
+        if self.writer is None:
+            return
+        blocked = self.writer.save(self._snapshot(), wait=wait)
+        self.metrics.observe("checkpoint_seconds", blocked)
+        self.metrics.set({"last_checkpoint_step": self.step})
+        self.last_checkpoint_time = time.monotonic()
+
+    def _agree(self) -> tuple[bool, bool]:
+        """(stop now, checkpoint by time): one tiny all-reduce so every rank acts on the same step."""
+        every = self.cfg.checkpoint.every_minutes
+        due = every is not None and time.monotonic() - self.last_checkpoint_time >= every * 60
+        flags = torch.tensor([float(self.stop.requested), float(due)], device=self.acc.device)
+        flags = self.acc.reduce(flags, reduction="sum")
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step over `gradientAccumulationSteps` micro-batches."""
+        t = self.cfg.training
+        beta = beta_at(self.step, self.total_steps, t)
+        sums: dict[str, float] = {}
+        for batch in batches:
+            with self.acc.accumulate(self.models.policy):
+                policy = concatenated_forward(self.models.policy, batch)
+                ref = self.models.reference_logps(batch)
+                out = compute_loss(t.loss, LossInputs.from_forward(policy, ref, batch), beta, t)
+                self.acc.backward(out.loss)
+                if self.acc.sync_gradients:
+                    grad_norm = self._clip()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in dpo_metrics(out, policy).items():
+                sums[k] = sums.get(k, 0.0) + v / len(batches)
+            self.metrics.inc("samples", len(batch["row_ids"]))
+            self.metrics.inc("tokens", batch["num_tokens"])
+            self.tokens_total += batch["num_tokens"]
+        self.scheduler.step()
+        values = self._mean_over_ranks(sums)
+        values.update(grad_norm=grad_norm, learning_rate=self.scheduler.get_last_lr()[0], beta=beta)
+        return values
+
+    def _clip(self) -> float:
+        max_norm = self.cfg.training.max_grad_norm
+        if max_norm is None:
+            params = [p for p in self.models.policy.parameters() if p.grad is not None]
+            return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        return float(self.acc.clip_grad_norm_(self.models.policy.parameters(), max_norm))
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.acc.device)
+        t = self.acc.reduce(t, reduction="mean")
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.cfg.data.eval:
+            return {}
+        values = evaluate(self.cfg, self.acc, self.models, self.tokenizer, beta_at(self.step, self.total_steps,
+                                                                                      self.cfg.training))
+        self.metrics.set(values)
+        self.log.eval(self.step, values)
+        return values
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        self.stop.install()
+        self.last_checkpoint_time = time.monotonic()
+        t, c = self.cfg.training, self.cfg.checkpoint
+        eval_start = self.evaluate() if (self.step == 0 and t.eval_on_start) else {}
+        eval_values: dict[str, float] = {}
+        values: dict[str, float] = {}
+        batches = self.train_stream.batches(until_step=self.total_steps, accumulation=t.gradient_accumulation_steps,
+                                            start_step=self.step)
+        for group in batches:
+            t0 = time.perf_counter()
+            values = self.train_step(group.batches)
+            self.step += 1
+            self.metrics.observe("data_wait_seconds", group.wait_seconds)
+            self.metrics.observe("step_seconds", time.perf_counter() - t0)
+            self._record_rows(group)
+            stop, due = self._agree()
+            if self.step % t.logging_steps == 0 or self.step == self.total_steps:
+                self._sync_counters()
+                self.log.train(self.step, values, epoch=self.train_stream.epoch_progress(),
+                               tokens_total=self.tokens_total)
+            if t.eval_steps and self.step % t.eval_steps == 0:
+                eval_values = self.evaluate()
+            if stop:
+                self.save_checkpoint(wait=True)
+                raise Preempted(f"stopped at step {self.step} on SIGTERM; checkpoint written")
+            if due or (c.every_steps and self.step % c.every_steps == 0):
+                self.save_checkpoint()
+        if t.eval_steps is None or self.step % t.eval_steps != 0:
+            eval_values = self.evaluate()
+        if self.writer is not None:
+            self.writer.wait()
+        summary = {"step": self.step, "total_steps": self.total_steps, "train": values, "eval": eval_values,
+                   "eval_at_start": eval_start,
+                   "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire()}
+        self._export(summary)
+        self.log.close()
+        return summary
+
+    def _sync_counters(self) -> None:
+        stats = self.train_stream.stats
+        self.metrics.sync_counter("bad_records", stats.bad_records)
+        self.metrics.sync_counter("truncated_prompts", stats.truncated_prompts)
+        self.metrics.sync_counter("truncated_responses", stats.truncated_responses)
+        self.metrics.sync_counter("s3_retries", storage.retry_count())
+
+    def _record_rows(self, group: Any) -> None:
+        """Opt-in audit log of trained row ids (KUBEDPO_ROW_LOG=dir): exactly-once evidence."""
+        target = os.environ.get("KUBEDPO_ROW_LOG")
+        if target:
+            rows = [r for b in group.batches for r in b["row_ids"]]
+            with open(Path(target) / f"rank-{self.rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "rows": rows}) + "\n")
+
+    def _export(self, summary: dict[str, Any]) -> None:
+        self.acc.wait_for_everyone()
+        if self.rank == 0:
+            model = self.acc.unwrap_model(self.models.policy)
+            export_final(model, self.tokenizer, self.cfg, summary)
+            log.info("model written to %s", self.cfg.output.uri)
+        self.acc.wait_for_everyone()
+
+
+def _torch_writer(obj: Any):
+    return lambda path: torch.save(obj, path)
+
+
+def _json_writer(obj: Any):
+    return lambda path: Path(path).write_text(json.dumps(obj))
