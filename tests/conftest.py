@@ -1,0 +1,18 @@
+"""Session-wide fixtures shared by every test folder.
+
+`tiny` builds the local tokenizer, 2-layer Llama and preference task once per test session
+(about 2 s), so every test that needs a real model loads the same files through the same
+code path a user's model takes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kubedpo_trainer.tiny import TinyArtifacts, build_all
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyArtifacts:
+    """Tiny model folder plus train/eval JSONL shard folders (standard format)."""
+    return build_all(tmp_path_factory.mktemp("tiny"), n_train=2048, n_eval=256)

@@ -1,0 +1,112 @@
+"""Write the final model to `output.uri`: what a user loads after the run.
+
+Layout (DESIGN.md "Storage layout"):
+  full fine-tune:  config.json, model.safetensors, tokenizer files, kubedpo_summary.json
+  LoRA:            adapter_config.json, adapter_model.safetensors, tokenizer files,
+                   merged/ (full merged weights, only with lora.mergeOnExport), kubedpo_summary.json
+
+`kubedpo_summary.json` is the output's completion marker: it is removed first and written last,
+after every other file is uploaded, so a reader that sees it sees a whole model.
+Files are staged in a local folder and uploaded with `storage.upload_dir`, so local and S3
+outputs take the same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import storage
+from .config import TrainerConfig
+
+SUMMARY = "kubedpo_summary.json"
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def _use_cache_for_inference(model: nn.Module) -> Iterator[None]:
+    """Training turns the KV cache off (gradient checkpointing); users generate with it on."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = True
+    try:
+        yield
+    finally:
+        if config is not None:
+            config.use_cache = old
+
+
+def save_full(model: nn.Module, out: Path) -> None:
+    with _use_cache_for_inference(model):
+        model.save_pretrained(str(out), safe_serialization=True)
+
+
+def save_adapter(model: nn.Module, out: Path, base_uri: str) -> None:
+    """adapter_model.safetensors + adapter_config.json naming the base by its URI, not a cache path."""
+    for conf in model.peft_config.values():
+        conf.base_model_name_or_path = base_uri
+    model.save_pretrained(str(out), safe_serialization=True)
+
+
+def save_merged(model: nn.Module, out: Path) -> None:
+    """Base weights with the adapter folded in, loadable with AutoModelForCausalLM alone.
+
+    Merges a copy so the caller's model keeps its adapter (costs one model of memory, briefly).
+    """
+    merged = copy.deepcopy(model).merge_and_unload()
+    with _use_cache_for_inference(merged):
+        merged.save_pretrained(str(out), safe_serialization=True)
+    del merged
+
+
+def _remove_marker(uri: str) -> None:
+    """A stale summary from an earlier attempt must not vouch for a half-written output."""
+    if storage.is_s3(uri):
+        storage.delete_prefix(uri)
+    else:
+        Path(uri.removeprefix("file://")).unlink(missing_ok=True)
+
+
+def export_final(
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: TrainerConfig,
+    summary: dict[str, Any],
+    unwrap: Callable[[nn.Module], nn.Module] | None = None,
+    out_uri: str | None = None,
+) -> str:
+    """Write model (or adapter), tokenizer and summary to `out_uri` (default `output.uri`).
+
+    `unwrap` strips an accelerate/DDP wrapper first (pass `accelerator.unwrap_model`); call on
+    one rank only. Returns the output URI.
+    """
+    if unwrap is not None:
+        model = unwrap(model)
+    out_uri = out_uri or cfg.output.uri
+    marker = storage.join(out_uri, SUMMARY)
+    _remove_marker(marker)
+    with tempfile.TemporaryDirectory(prefix="kubedpo-export-") as tmp:
+        staging = Path(tmp)
+        if is_peft(model):
+            save_adapter(model, staging, cfg.model.uri)
+            lora = cfg.model.lora
+            if lora is not None and lora.merge_on_export:
+                save_merged(model, staging / "merged")
+                tokenizer.save_pretrained(str(staging / "merged"))
+        else:
+            save_full(model, staging)
+        tokenizer.save_pretrained(str(staging))
+        storage.upload_dir(staging, out_uri)
+    storage.write_bytes(marker, json.dumps(summary, indent=2, default=str).encode())
+    return out_uri

@@ -1,0 +1,263 @@
+"""Load the tokenizer, the policy and its reference: full fine-tune or LoRA, one interface.
+
+Where a model comes from (`model.uri`):
+  - `s3://bucket/prefix/` or a local folder: a save_pretrained folder, made local through
+    `storage.download_dir` into a per-URI cache (one download per node, not per rank);
+  - `hf://org/name` or `org/name`: a hub id handed to `from_pretrained` as is.
+
+The reference is what DPO measures the policy against, and must never move:
+  - full fine-tune: a second, frozen copy (requires_grad False, eval mode) from
+    `model.referenceUri` or `model.uri`;
+  - LoRA: NO second copy. The reference is the policy's own base weights with the adapter
+    disabled (peft's `disable_adapter()`); base weights are frozen by peft, so this is exact.
+  - reference-free losses (simpo): no reference at all.
+`PolicyAndReference.reference_context()` hides the difference: the loop computes reference
+log-probs the same way in every case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import storage
+from .config import LossType, TrainerConfig
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DOWNLOADED = ".kubedpo-download-complete"
+
+
+# --- where the files are ----------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Model download cache; KUBEDPO_CACHE_DIR points it at a node-local volume (e.g. emptyDir)."""
+    return Path(os.environ.get("KUBEDPO_CACHE_DIR") or Path(tempfile.gettempdir()) / "kubedpo-cache")
+
+
+def resolve_model_source(uri: str, accelerator: Any = None) -> str:
+    """A string `from_pretrained` accepts: a local folder or a hub id.
+
+    s3:// folders are downloaded once per node: the local main process downloads while the
+    other local ranks wait (accelerate's `local_main_process_first`), then all read the cache.
+    """
+    if uri.startswith("hf://"):
+        return uri.removeprefix("hf://").strip("/")
+    if not storage.is_s3(uri):
+        local = Path(uri.removeprefix("file://"))
+        if local.exists():
+            return str(local)
+        if _HUB_ID.match(uri):
+            return uri
+        raise InputError(f"model uri {uri}: no such folder (and not a hub id like org/name)")
+    target = cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    ctx = accelerator.local_main_process_first() if accelerator is not None else contextlib.nullcontext()
+    with ctx:
+        if not (target / _DOWNLOADED).exists():
+            path = storage.download_dir(uri, target)
+            (Path(path) / _DOWNLOADED).touch()
+            target = Path(path)
+    return str(target)
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA devices that support it, else float32 (CPU math is fp32)."""
+    if name == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_tokenizer(source: TrainerConfig | str, accelerator: Any = None, trust_remote_code: bool = False):
+    """Tokenizer from `model.tokenizerUri` (or `model.uri`), or from a URI string.
+
+    A tokenizer without a pad token (Llama, Mistral) gets its EOS as pad: padding positions are
+    masked out of every loss, so the choice only has to be a valid id.
+    """
+    from transformers import AutoTokenizer
+
+    if isinstance(source, TrainerConfig):
+        uri = source.model.tokenizer_uri or source.model.uri
+        trust_remote_code = source.model.trust_remote_code
+    else:
+        uri = source
+    path = resolve_model_source(uri, accelerator)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise InputError(f"tokenizer {uri}: cannot load: {err}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, accelerator: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_source(uri, accelerator)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise InputError(f"model {uri}: cannot load: {err}") from None
+    return model.to(device)
+
+
+def lora_config(cfg: TrainerConfig):
+    """peft LoraConfig from `model.lora`; no targetModules means every linear layer but the head."""
+    from peft import LoraConfig
+
+    lora = cfg.model.lora
+    assert lora is not None
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_policy(cfg: TrainerConfig, device: torch.device | str, accelerator: Any = None) -> nn.Module:
+    """The model that trains: all weights, or a peft model whose only trainables are lora_*."""
+    device = torch.device(device)
+    model = _from_pretrained(cfg.model.uri, cfg, device, accelerator)
+    if cfg.training.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs and DDP; the KV cache is useless
+        # (and wasteful) while training.
+        model.config.use_cache = False
+        enable_activation_checkpointing(model)
+    if cfg.model.lora is None:
+        model.train()
+        return model
+    from peft import get_peft_model
+
+    if cfg.training.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(cfg))
+    model.train()
+    return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """transformers 5 renamed gradient_checkpointing_enable; accept both (4.56 and 5.x)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_reference(cfg: TrainerConfig, device: torch.device | str, accelerator: Any = None) -> nn.Module | None:
+    """A frozen copy for full fine-tune; None with LoRA (adapter disabled instead) or simpo."""
+    if cfg.model.lora is not None or cfg.training.loss == LossType.simpo.value:
+        return None
+    uri = cfg.model.reference_uri or cfg.model.uri
+    return freeze(_from_pretrained(uri, cfg, torch.device(device), accelerator))
+
+
+# --- one interface for the loop ---------------------------------------------------------------
+
+
+def _follow_module(model: nn.Module) -> nn.Module:
+    """Strip DDP-style wrappers (`.module`) when no accelerator's unwrap_model is at hand."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+@dataclass
+class PolicyAndReference:
+    """The trainable policy and a way to run the reference, whichever kind it is.
+
+    `policy` may be replaced by the accelerate/DDP wrapper after `accelerator.prepare`;
+    `unwrap` gets back the underlying (peft or transformers) model.
+    """
+
+    policy: nn.Module
+    reference: nn.Module | None = None
+    unwrap: Callable[[nn.Module], nn.Module] = field(default=_follow_module)
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.unwrap(self.policy), "peft_config")
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None or self.is_lora
+
+    @contextlib.contextmanager
+    def reference_context(self) -> Iterator[nn.Module]:
+        """Yield a module whose forward is the reference model's, under no_grad.
+
+        LoRA: the unwrapped policy with its adapter disabled, in eval mode (no dropout), restored
+        on exit; the wrapper is bypassed so no DDP hooks or collectives run for this forward.
+        """
+        if self.reference is not None:
+            with torch.no_grad():
+                yield self.reference
+            return
+        if not self.is_lora:
+            raise RuntimeError("this run has no reference model (reference-free loss)")
+        model = self.unwrap(self.policy)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), model.disable_adapter():
+                yield model
+        finally:
+            model.train(was_training)
+
+    def reference_logps(self, batch: dict[str, Any]) -> Any:
+        """`forward.concatenated_forward` of the reference on `batch`; None if reference-free."""
+        if not self.has_reference:
+            return None
+        from .forward import concatenated_forward
+
+        with self.reference_context() as ref:
+            return concatenated_forward(ref, batch)
+
+    def release_reference(self) -> None:
+        """Drop a full-fine-tune reference after its log-probs were precomputed (frees memory)."""
+        self.reference = None
+
+
+def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.device | str | None = None):
+    """Policy and reference on `accelerator.device` (or `device`, default CPU)."""
+    dev = torch.device(device if device is not None else (accelerator.device if accelerator else "cpu"))
+    policy = load_policy(cfg, dev, accelerator)
+    reference = load_reference(cfg, dev, accelerator)
+    unwrap = accelerator.unwrap_model if accelerator is not None else _follow_module
+    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in policy.parameters())
+    log.info("policy %s: %d of %d parameters trainable (%s)", cfg.model.uri, n_train, n_all,
+             "LoRA" if cfg.model.lora else "full")
+    return PolicyAndReference(policy=policy, reference=reference, unwrap=unwrap)

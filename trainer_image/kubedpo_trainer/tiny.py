@@ -1,0 +1,212 @@
+"""A tiny, fully local stand-in for a real model and preference data set (tests and `make demo`).
+
+Nothing here downloads: the tokenizer is a byte-level BPE trained in about a second on the
+task's own text, the model is a 2-layer Llama with seeded random weights, and both are written
+with `save_pretrained`, so the trainer loads them through the same code path as a user's model.
+
+The preference task is a real rule a small model can learn, not a token-level giveaway:
+each prompt lists a few random words and asks for the *category of the first one*; the chosen
+answer names that category, the rejected answer names another one. Chosen and rejected answers
+are drawn from the same four category names, so no unconditional token preference wins; the
+model has to read the prompt's first word. Held-out prompts are new word combinations.
+
+Run `python -m kubedpo_trainer.tiny --out DIR` to build everything into DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+CATEGORIES: dict[str, list[str]] = {
+    "animal": ["cat", "dog", "horse", "mouse", "tiger", "eagle", "snake", "whale"],
+    "color": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"],
+    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],
+    "tool": ["hammer", "saw", "drill", "wrench", "chisel", "shovel", "rake", "pliers"],
+}
+WORD_CATEGORY = {w: c for c, words in CATEGORIES.items() for w in words}
+QUESTION = "What kind of thing is the first word?"
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+# Zephyr-style template: the prompt rendered with add_generation_prompt=True is a prefix of the
+# full conversation, which is what conversational rows need to split prompt from response.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + EOS + "\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+Format = Literal["standard", "conversational", "implicit"]
+
+
+@dataclass(frozen=True)
+class TinyArtifacts:
+    model_dir: Path
+    train_uri: str
+    eval_uri: str
+
+
+def _corpus() -> list[str]:
+    """Every string the task can produce, so BPE learns whole words as single tokens."""
+    words = list(WORD_CATEGORY) + list(CATEGORIES)
+    lines = [QUESTION, "Words:", "Answer:", "<|user|>", "<|assistant|>", "<|system|>"]
+    lines += [" ".join(words)] * 4 + [f"Words: {w} {w}. {QUESTION} Answer: {c}" for w, c in WORD_CATEGORY.items()]
+    return lines
+
+
+def build_tokenizer(out_dir: str | Path):
+    """Train a byte-level BPE on the task vocabulary and save it as a transformers tokenizer.
+
+    Returns the `PreTrainedTokenizerFast` (also written to `out_dir` with save_pretrained).
+    No BOS is added automatically: like most chat models, special tokens come from the template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus() * 8, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 256
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_model(
+    out_dir: str | Path,
+    tokenizer: Any,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+):
+    """A LlamaForCausalLM with seeded random weights, saved as safetensors in `out_dir`.
+
+    Grouped-query attention (fewer KV heads) is on by default so the loaders see the same
+    shapes as modern checkpoints.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return model
+
+
+def _prompt_words(rng: random.Random, n_words: int) -> tuple[str, ...]:
+    return tuple(rng.choice(list(WORD_CATEGORY)) for _ in range(n_words))
+
+
+def make_row(words: tuple[str, ...], wrong: str, fmt: Format) -> dict[str, Any]:
+    """One preference row in TRL's format `fmt` for prompt `words` and a wrong category."""
+    text = f"Words: {' '.join(words)}. {QUESTION}"
+    right = WORD_CATEGORY[words[0]]
+    if fmt == "standard":
+        return {"prompt": f"{text} Answer:", "chosen": f" {right}", "rejected": f" {wrong}"}
+    if fmt == "conversational":
+        return {
+            "prompt": [{"role": "user", "content": text}],
+            "chosen": [{"role": "assistant", "content": right}],
+            "rejected": [{"role": "assistant", "content": wrong}],
+        }
+    if fmt == "implicit":
+        return {"chosen": f"{text} Answer: {right}", "rejected": f"{text} Answer: {wrong}"}
+    raise ValueError(f"fmt: unknown format {fmt!r} (standard, conversational, implicit)")
+
+
+def preference_rows(n: int, seed: int, fmt: Format = "standard") -> list[dict[str, Any]]:
+    """`n` rows with pairwise distinct prompts (3 to 5 words each)."""
+    rng = random.Random(seed)
+    seen: set[tuple[str, ...]] = set()
+    rows = []
+    while len(rows) < n:
+        words = _prompt_words(rng, rng.randint(3, 5))
+        if words in seen:
+            continue
+        seen.add(words)
+        wrong = rng.choice([c for c in CATEGORIES if c != WORD_CATEGORY[words[0]]])
+        rows.append(make_row(words, wrong, fmt))
+    return rows
+
+
+def _write_shards(rows: list[dict[str, Any]], folder: Path, shards: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(shards):
+        part = rows[i::shards]
+        text = "".join(json.dumps(r) + "\n" for r in part)
+        (folder / f"part-{i:05d}.jsonl").write_text(text)
+
+
+def write_preference_task(
+    out_dir: str | Path,
+    n_train: int = 2048,
+    n_eval: int = 256,
+    seed: int = 0,
+    fmt: Format = "standard",
+    shards: int = 2,
+) -> tuple[str, str]:
+    """JSONL shards under out_dir/train/ and out_dir/eval/; no prompt is in both splits.
+
+    Returns (train_uri, eval_uri) as local folder paths.
+    """
+    rows = preference_rows(n_train + n_eval, seed, fmt)
+    out = Path(out_dir)
+    _write_shards(rows[:n_train], out / "train", shards)
+    _write_shards(rows[n_train:], out / "eval", max(1, min(shards, n_eval)))
+    return str(out / "train"), str(out / "eval")
+
+
+def build_all(
+    root: str | Path, n_train: int = 2048, n_eval: int = 256, fmt: Format = "standard", seed: int = 0
+) -> TinyArtifacts:
+    """Tokenizer + model in root/model, task in root/data/{train,eval}."""
+    root = Path(root)
+    model_dir = root / "model"
+    tokenizer = build_tokenizer(model_dir)
+    build_model(model_dir, tokenizer, seed=seed)
+    train_uri, eval_uri = write_preference_task(root / "data", n_train, n_eval, seed, fmt)
+    return TinyArtifacts(model_dir, train_uri, eval_uri)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kubedpo_trainer.tiny", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="Folder to build into (model/ and data/).")
+    p.add_argument("--format", default="standard", choices=["standard", "conversational", "implicit"])
+    p.add_argument("--train-rows", type=int, default=2048)
+    p.add_argument("--eval-rows", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    art = build_all(args.out, args.train_rows, args.eval_rows, args.format, args.seed)
+    print(json.dumps({"model": str(art.model_dir), "train": art.train_uri, "eval": art.eval_uri}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
