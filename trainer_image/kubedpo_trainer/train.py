@@ -46,6 +46,7 @@ class Trainer:
         self.stop = StopRequest()
         self.step = 0
         self.tokens_total = 0.0
+        self.step_times: list[float] = []
         self.started = time.monotonic()
 
     # --- setup ------------------------------------------------------------------------------
@@ -225,7 +226,8 @@ class Trainer:
             values = self.train_step(group.batches)
             self.step += 1
             self.metrics.observe("data_wait_seconds", group.wait_seconds)
-            self.metrics.observe("step_seconds", time.perf_counter() - t0)
+            self.step_times.append(time.perf_counter() - t0)
+            self.metrics.observe("step_seconds", self.step_times[-1])
             self._record_rows(group)
             stop, due = self._agree()
             if self.step % t.logging_steps == 0 or self.step == self.total_steps:
@@ -245,7 +247,8 @@ class Trainer:
             self.writer.wait()
         summary = {"step": self.step, "total_steps": self.total_steps, "train": values, "eval": eval_values,
                    "eval_at_start": eval_start,
-                   "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire()}
+                   "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire(),
+                   "timing": {"step_seconds": self.step_times, "peak_memory_bytes": peak_memory_bytes()}}
         self._export(summary)
         self.log.close()
         return summary
@@ -272,6 +275,15 @@ class Trainer:
             export_final(model, self.tokenizer, self.cfg, summary)
             log.info("model written to %s", self.cfg.output.uri)
         self.acc.wait_for_everyone()
+
+
+def peak_memory_bytes() -> int:
+    """Peak CUDA memory allocated on GPU; peak resident set size of this process on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _torch_writer(obj: Any):
