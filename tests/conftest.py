@@ -11,6 +11,8 @@ import pytest
 
 from kubedpo_trainer.tiny import TinyArtifacts, build_all
 
+pytest_plugins = ["tests.support.s3"]
+
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyArtifacts:

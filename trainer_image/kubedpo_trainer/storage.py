@@ -1,17 +1,48 @@
 """One interface over local paths and s3:// URIs for data shards, models, checkpoints and output.
 
-The rest of the trainer only calls these functions, so S3 (issue 4) slots in behind them.
-This first version serves local paths; `s3://` support is added in the same functions.
+The rest of the trainer only calls these functions; each dispatches on the URI: local paths
+(or file://) here, s3:// to `s3.S3Client` (shared boto3 client, standard retries, resumable
+ranged reads). `configure(cfg.s3)` is called once by the trainer; without it S3 uses
+boto3's defaults (AWS_ENDPOINT_URL, AWS_REGION, ...) and 8 attempts.
 """
 
 from __future__ import annotations
 
+import fcntl
+import io
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from .config import S3Config
 from .errors import InputError
+from .s3 import S3Client, settings_from
+
+READ_BUFFER = 1024 * 1024  # bytes per ranged-GET read: big enough for full-speed streaming
+COMPLETE_MARKER = ".kubedpo-download-complete"
+
+
+class _Backend:
+    """Holds the one S3 client of this process; replaced as a whole by `configure`."""
+
+    s3 = S3Client()
+
+
+def configure(s3_cfg: S3Config | None = None, on_retry: Callable[[int], None] | None = None,
+              **overrides: Any) -> None:
+    """Set the S3 endpoint, region and attempts (and timeouts, via `overrides`) for this process.
+
+    `on_retry(total)` is called after every retried S3 request or resumed body; the retry
+    total so far is also available from `retry_count()`. Resets the counter.
+    """
+    _Backend.s3 = S3Client(settings_from(s3_cfg, **overrides), on_retry=on_retry)
+
+
+def retry_count() -> int:
+    """S3 retries (botocore's and body resumes) since `configure`: kubedpo_s3_retries_total."""
+    return _Backend.s3.retries
 
 
 @dataclass(frozen=True)
@@ -32,8 +63,17 @@ def list_objects(uri: str, suffixes: tuple[str, ...] | None = None) -> list[Obje
     """Objects under a prefix/folder (or the single object `uri`), sorted by URI.
 
     Raises InputError naming the URI when nothing matches, so an empty data prefix is an
-    error, not a run that trains on zero rows.
+    error, not a run that trains on zero rows. A missing bucket or bad credentials are
+    InputError too; an unreachable store after retries is StorageError.
     """
+    if is_s3(uri):
+        found = [ObjectInfo(u, n) for u, n in _Backend.s3.list(uri)]
+        if suffixes:
+            found = [o for o in found if o.uri.endswith(suffixes)]
+        if not found:
+            wanted = f" ending in {', '.join(suffixes)}" if suffixes else ""
+            raise InputError(f"{uri}: no objects{wanted} under this prefix")
+        return sorted(found, key=lambda o: o.uri)
     p = _local(uri)
     if p.is_file():
         files = [p]
@@ -50,7 +90,14 @@ def list_objects(uri: str, suffixes: tuple[str, ...] | None = None) -> list[Obje
 
 
 def open_range(uri: str, start: int = 0) -> BinaryIO:
-    """A binary stream from byte `start` to the end of the object."""
+    """A binary stream from byte `start` to the end of the object.
+
+    For s3:// it is a buffered, seekable reader that resumes broken bodies at the exact byte
+    (see s3_reader): iterate it line by line, wrap it in gzip.open, or hand it to
+    pyarrow.parquet.ParquetFile.
+    """
+    if is_s3(uri):
+        return io.BufferedReader(_Backend.s3.reader(uri, start), buffer_size=READ_BUFFER)
     f = _local(uri).open("rb")
     f.seek(start)
     return f
@@ -62,6 +109,10 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object; local writes are atomic (temp file + rename), as S3 PUTs are."""
+    if is_s3(uri):
+        _Backend.s3.put(uri, data)
+        return
     p = _local(uri)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
@@ -70,20 +121,49 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def exists(uri: str) -> bool:
+    """An object/file, or a folder/prefix with something in it."""
+    if is_s3(uri):
+        return _Backend.s3.exists(uri)
     return _local(uri).exists()
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:
-    """Copy a local folder to `uri` (a folder or prefix)."""
+    """Copy a local folder to `uri` (a folder or prefix); S3 uploads files and parts in parallel."""
+    if is_s3(uri):
+        _Backend.s3.upload_dir(Path(local_dir), uri)
+        return
     shutil.copytree(local_dir, _local(uri), dirs_exist_ok=True)
 
 
 def download_dir(uri: str, local_dir: str | Path) -> Path:
-    """Make the folder at `uri` available locally; local URIs are used in place."""
-    return _local(uri)
+    """Make the folder at `uri` available locally; local URIs are used in place.
+
+    s3:// folders go to `local_dir` once: the first process to take the lock file beside it
+    downloads and writes a completion marker last; others block on the lock, then see the
+    marker and reuse the folder. A downloader that dies releases the lock without writing
+    the marker, so the next process downloads again instead of using a partial folder.
+    """
+    if not is_s3(uri):
+        return _local(uri)
+    target = Path(local_dir)
+    marker = target / COMPLETE_MARKER
+    if marker.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            target.mkdir(parents=True, exist_ok=True)
+            _Backend.s3.download_dir(uri, target)
+            marker.write_text(uri)
+    return target
 
 
 def delete_prefix(uri: str) -> None:
+    """Delete a folder/prefix and everything in it; a missing one is not an error."""
+    if is_s3(uri):
+        _Backend.s3.delete_prefix(uri)
+        return
     shutil.rmtree(_local(uri), ignore_errors=True)
 
 
