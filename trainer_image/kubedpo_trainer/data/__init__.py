@@ -1,0 +1,1 @@
+"""Preference data: shard readers and row formats, tokenization, collation, the resumable stream."""
