@@ -69,3 +69,35 @@ def test_malformed_row_fails_with_file_and_line(tiny, tmp_path: Path) -> None:
     run = run_trainer(cfg, tmp_path)
     assert run.returncode == EXIT_CONFIG, run.stderr[-2000:]
     assert "part-0.jsonl:7" in run.stderr
+
+
+def test_bad_rows_skipped_and_counted_under_skip_policy(tiny, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    good = [json.dumps({"prompt": f"Words: cat dog {i}.", "chosen": " animal", "rejected": " color"})
+            for i in range(30)]
+    good[3] = '{"prompt": "p", "chosen": 5, "rejected": "x"}'  # ill-typed
+    good[11] = "not json"
+    (data / "part-0.jsonl").write_text("\n".join(good) + "\n")
+    cfg = tiny_config(tiny, tmp_path, data={"train": str(data), "onBadRecord": "skip", "shuffleBuffer": 1,
+                                            "maxPromptLength": 4},
+                      training={"batchSize": 4, "maxSteps": 3})
+    cfg["data"].pop("eval")
+    run = run_trainer(cfg, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    totals = run.summary()["data"]
+    assert totals["bad_records"] == 2
+    assert totals["truncated_prompts"] > 0  # prompts are longer than 4 tokens: cut, and counted
+    assert totals["rows"] >= 12
+
+
+def test_lora_run_exports_only_the_adapter(tiny, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny, tmp_path, model={"lora": {"rank": 4, "alpha": 8, "mergeOnExport": True}},
+                      training={"maxSteps": 3})
+    run = run_trainer(cfg, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "output"
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    assert not (out / "model.safetensors").exists()
+    assert (out / "merged" / "model.safetensors").exists()
+    assert run.summary()["step"] == 3

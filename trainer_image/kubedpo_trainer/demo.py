@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((root / "output" / "kubedpo_summary.json").read_text())
     before = summary["eval_at_start"]["eval_rewards_accuracies"]
     after = summary["eval"]["eval_rewards_accuracies"]
+    m0, m1 = (summary[k]["eval_rewards_margins"] for k in ("eval_at_start", "eval"))
     print(f"\nheld-out reward accuracy: {before:.3f} at step 0 -> {after:.3f} after {summary['step']} steps")
+    print(f"held-out reward margin:   {m0:.3f} at step 0 -> {m1:.3f}  (step 0: policy == reference, every "
+          "margin is 0, and TRL counts a tie as not preferred)")
     print(f"final model written to {root / 'output'}")
     return 0 if after > before else 1
 

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
+from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
 from . import storage
@@ -60,6 +62,8 @@ class Trainer:
         )
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         set_seed(t.seed)
+        if not sys.stderr.isatty():
+            hf_logging.disable_progress_bar()  # pod logs get the JSON lines, not progress bars
         storage.configure(cfg.s3)
         self.metrics = TrainerMetrics(
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
@@ -246,12 +250,20 @@ class Trainer:
         if self.writer is not None:
             self.writer.wait()
         summary = {"step": self.step, "total_steps": self.total_steps, "train": values, "eval": eval_values,
-                   "eval_at_start": eval_start,
+                   "eval_at_start": eval_start, "data": self._data_totals(),
                    "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire(),
                    "timing": {"step_seconds": self.step_times, "peak_memory_bytes": peak_memory_bytes()}}
         self._export(summary)
         self.log.close()
         return summary
+
+    def _data_totals(self) -> dict[str, int]:
+        """Data stats summed over ranks: what was read, skipped and truncated (never silent)."""
+        st = self.train_stream.stats
+        keys = ("rows", "bad_records", "truncated_prompts", "truncated_responses")
+        t = torch.tensor([float(getattr(st, k)) for k in keys], dtype=torch.float64, device=self.acc.device)
+        t = self.acc.reduce(t, reduction="sum")
+        return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
     def _sync_counters(self) -> None:
         stats = self.train_stream.stats

@@ -82,7 +82,7 @@ class PreferenceStream:
         self.rank, self.world, self.batch_size = rank, world, batch_size
         self.shuffle, self.prefetch = shuffle, prefetch
         self.shards = [o.uri for o in storage.list_objects(uri, SUFFIXES)]
-        self.stats = DataStats()
+        self._live = DataStats()  # counted as rows are read, prefetched ones included
         self._pos = Position()
         self._consumed: dict[str, Any] = self._pos.to_json()
         self._rows: int | None = None
@@ -109,6 +109,11 @@ class PreferenceStream:
 
     # --- state ------------------------------------------------------------------------------
 
+    @property
+    def stats(self) -> DataStats:
+        """Totals up to the last batch the trainer consumed (rows read ahead are not counted yet)."""
+        return DataStats(**self._consumed.get("stats", {}))
+
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "rank": self.rank, "world": self.world, "shards": self.shards,
                 "position": self._consumed}
@@ -117,8 +122,11 @@ class PreferenceStream:
         if state.get("world") != self.world or state.get("shards") != self.shards:
             raise InputError(f"{self.uri}: data changed since the checkpoint (shards or ranks differ); "
                              "exact resume is impossible")
-        self._pos = Position(**state["position"])
-        self._consumed = self._pos.to_json()
+        position = dict(state["position"])
+        stats = position.pop("stats", {})
+        self._pos = Position(**position)
+        self._live = DataStats(**stats)
+        self._consumed = {**self._pos.to_json(), "stats": stats}
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -166,11 +174,11 @@ class PreferenceStream:
 
     def _tokenize(self, row_id: str, raw: Any) -> TokenizedRow | None:
         try:
-            return tokenize_row(parse_row(raw, self.cfg.format), row_id, self.tokenizer, self.cfg, self.stats)
+            return tokenize_row(parse_row(raw, self.cfg.format), row_id, self.tokenizer, self.cfg, self._live)
         except BadRecord as err:
             if self.cfg.on_bad_record == "fail":
                 raise InputError(f"{row_id}: {err} (data.onBadRecord=fail; set skip to drop such rows)") from None
-            self.stats.add(bad_records=1)
+            self._live.add(bad_records=1)
             return None
 
     def _train_batches(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
@@ -195,7 +203,7 @@ class PreferenceStream:
                 rows += self._padding(pos, taken, self.batch_size - len(rows))
                 pos.batches += 1
                 pos.last = taken or pos.last
-                yield collate(rows, self._pad_id), pos.to_json()
+                yield collate(rows, self._pad_id), {**pos.to_json(), "stats": self._live.totals()}
             pos.epoch, pos.shard, pos.row, pos.byte, pos.global_row, pos.batches = pos.epoch + 1, 0, 0, 0, 0, 0
             pos.buffer, pos.rng = [], None
 

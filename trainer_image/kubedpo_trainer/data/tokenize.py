@@ -26,6 +26,10 @@ class DataStats:
     truncated_responses: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return {k: getattr(self, k) for k in ("rows", "bad_records", "truncated_prompts", "truncated_responses")}
+
     def add(self, **amounts: int) -> None:
         with self._lock:
             for k, v in amounts.items():
