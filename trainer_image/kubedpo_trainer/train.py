@@ -251,11 +251,16 @@ class Trainer:
             self.writer.wait()
         summary = {"step": self.step, "total_steps": self.total_steps, "train": values, "eval": eval_values,
                    "eval_at_start": eval_start, "data": self._data_totals(),
+                   "storage": {"s3_retries": self._sum_over_ranks(float(storage.retry_count()))},
                    "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire(),
                    "timing": {"step_seconds": self.step_times, "peak_memory_bytes": peak_memory_bytes()}}
         self._export(summary)
         self.log.close()
         return summary
+
+    def _sum_over_ranks(self, value: float) -> int:
+        t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
+        return int(self.acc.reduce(t, reduction="sum").item())
 
     def _data_totals(self) -> dict[str, int]:
         """Data stats summed over ranks: what was read, skipped and truncated (never silent)."""
