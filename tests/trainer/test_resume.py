@@ -208,3 +208,31 @@ def test_s3_faults_during_reads_and_checkpoint_uploads(s3, s3_task, fault_proxy,
     from kubedpo_trainer.checkpoint import complete_steps
 
     assert complete_steps(s3.uri("runs/faulty/ckpt/")) == [30, 40]
+
+
+@pytest.mark.parametrize(
+    ("case", "expect_code"),
+    [("missing_bucket", 2), ("empty_prefix", 2), ("wrong_secret", 2), ("corrupt_shard", 2)],
+)
+def test_bad_s3_input_exits_clearly_without_leaking_secrets(s3, s3_task, tmp_path: Path, case: str,
+                                                            expect_code: int) -> None:
+    env = s3.env()
+    cfg = _cfg(s3_task, s3, case)
+    cfg["checkpoint"] = {}
+    named = cfg["data"]["train"]
+    if case == "missing_bucket":
+        named = cfg["data"]["train"] = "s3://no-such-bucket-kubedpo/train/"
+    elif case == "empty_prefix":
+        named = cfg["data"]["train"] = s3.uri("nothing/here/")
+    elif case == "wrong_secret":
+        env = {**env, "AWS_SECRET_ACCESS_KEY": "wrong-secret-value-123"}
+        named = cfg["model"]["uri"]
+    elif case == "corrupt_shard":
+        storage.write_bytes(s3.uri("bad/part-0.jsonl.gz"), b"\x1f\x8b\x08\x00 definitely not gzip")
+        named = cfg["data"]["train"] = s3.uri("bad/part-0.jsonl.gz")
+    run = Launch(cfg, tmp_path / "a", env)
+    assert run.wait() == expect_code, run.stderr()
+    log = run.full_log()
+    assert named.rstrip("/") in log
+    assert "wrong-secret-value-123" not in log and env["AWS_SECRET_ACCESS_KEY"] not in log.replace(
+        "wrong-secret-value-123", "")

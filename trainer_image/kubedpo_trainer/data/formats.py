@@ -7,13 +7,16 @@ Parquet skip rows (Parquet by whole row groups, read one at a time, never the wh
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .. import storage
+from ..errors import InputError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet")
 
@@ -41,8 +44,23 @@ def read_rows(uri: str, start_row: int = 0, start_byte: int | None = None) -> It
     """Yield (row index, byte offset after the row or -1, raw) from `start_row` on.
 
     raw is a dict, or a BadRecord for a line that is not JSON (so the caller can name the line).
-    Row index is 0-based; the line number users see is index + 1.
+    Row index is 0-based; the line number users see is index + 1. A shard that cannot be
+    decoded at all (corrupt gzip or Parquet) is an InputError naming it: retrying won't fix it.
     """
+    with _decoding_errors(uri):
+        yield from _read_rows(uri, start_row, start_byte)
+
+
+@contextlib.contextmanager
+def _decoding_errors(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except (gzip.BadGzipFile, zlib.error, EOFError, ValueError) as err:
+        # Only decoding errors: network errors stay StorageError (retriable) from the reader.
+        raise InputError(f"{uri}: unreadable shard: {type(err).__name__}: {err}") from None
+
+
+def _read_rows(uri: str, start_row: int, start_byte: int | None) -> Iterator[tuple[int, int, Any]]:
     if uri.endswith(".parquet"):
         yield from _parquet_rows(uri, start_row)
     elif uri.endswith(".gz"):
@@ -86,6 +104,11 @@ def _parquet_rows(uri: str, start_row: int) -> Iterator[tuple[int, int, Any]]:
 
 def count_rows(uri: str) -> int:
     """Rows in a shard (Parquet from metadata; JSONL by a streaming pass counting non-blank lines)."""
+    with _decoding_errors(uri):
+        return _count_rows(uri)
+
+
+def _count_rows(uri: str) -> int:
     if uri.endswith(".parquet"):
         import pyarrow.parquet as pq
 
