@@ -1,0 +1,6 @@
+"""`python -m kubedpo_operator` == `kubedpo`."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""`kubedpo run dpojob.yaml`: a DPOJob's workers as local processes, before any cluster.
+
+Each worker runs exactly the command and environment its pod would (children.trainer_args /
+trainer_env, node rank from JOB_COMPLETION_INDEX), with rendezvous on 127.0.0.1, and the
+same restart policy the operator applies: exit 2 fails at once, 75 (preempted) restarts for
+free, anything else restarts the whole gang up to runPolicy.maxRestarts. The trainer resumes
+from its newest complete checkpoint, as in the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED
+from kubedpo_trainer.launch import combine_exit_codes
+
+from .api import KIND, DPOJobSpec, SpecError, check_name, parse_spec
+from .children import trainer_args, trainer_env
+
+
+def load_manifest(path: str) -> tuple[str, str, DPOJobSpec]:
+    """(name, namespace, spec) of the first DPOJob in `path`; SpecError names the bad field."""
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if isinstance(d, dict) and d.get("kind") == KIND]
+    if not docs:
+        raise SpecError("kind", f"{path}: no {KIND} document")
+    meta = docs[0].get("metadata") or {}
+    name = meta.get("name") or Path(path).stem
+    check_name(name)
+    return name, meta.get("namespace", "default"), parse_spec(docs[0].get("spec"))
+
+
+def local_env(spec: DPOJobSpec, name: str, namespace: str, attempt: int, index: int) -> dict[str, str]:
+    """The pod's env on this machine: ours, then the user's literal values (valueFrom needs a cluster)."""
+    env = dict(os.environ)
+    for e in trainer_env(name, namespace, attempt):
+        env[e["name"]] = e["value"]
+    for e in spec.env or []:
+        if "value" in e:
+            env[e["name"]] = str(e["value"])
+    env["JOB_COMPLETION_INDEX"] = str(index)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pipe(stream: IO[bytes], prefix: str, out: IO[str]) -> None:
+    for line in iter(stream.readline, b""):
+        out.write(f"{prefix}{line.decode(errors='replace')}")
+        out.flush()
+
+
+def run_attempt(spec: DPOJobSpec, name: str, namespace: str, attempt: int, config_path: str,
+                out: IO[str] = sys.stdout) -> int:
+    """All workers of one attempt; their output streamed with a `[worker i]` prefix."""
+    port = _free_port()
+    args = trainer_args(spec, name, attempt, config_path, addr="127.0.0.1", port=port)
+    if spec.gpus_per_worker and not shutil.which("nvidia-smi"):
+        print(f"no GPU here: running {spec.gpus_per_worker} ranks per worker on the CPU", file=out)
+    procs, pipes = [], []
+    for i in range(spec.workers):
+        p = subprocess.Popen([sys.executable, "-m", "kubedpo_trainer.cli", *args],
+                             env=local_env(spec, name, namespace, attempt, i),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        t = threading.Thread(target=_pipe, args=(p.stdout, f"[worker {i}] ", out), daemon=True)
+        t.start()
+        procs.append(p)
+        pipes.append(t)
+    codes = [p.wait() for p in procs]
+    for t in pipes:
+        t.join(timeout=5)
+    return combine_exit_codes([c if c >= 0 else 1 for c in codes])
+
+
+def run(manifest: str, out: IO[str] = sys.stdout) -> int:
+    try:
+        name, namespace, spec = load_manifest(manifest)
+    except SpecError as err:
+        print(f"{manifest}: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    workdir = Path(tempfile.mkdtemp(prefix=f"kubedpo-{name}-"))
+    config_path = workdir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(spec.trainer_config().to_wire(), sort_keys=False))
+    restarts, attempt = 0, 0
+    max_restarts = spec.run_policy.max_restarts
+    while True:
+        print(f"{KIND}/{name}: attempt {attempt} with {spec.workers} worker(s)", file=out, flush=True)
+        code = run_attempt(spec, name, namespace, attempt, str(config_path), out)
+        if code == EXIT_OK:
+            print(f"{KIND}/{name}: Succeeded; output in {spec.output.uri}", file=out)
+            return 0
+        if code == EXIT_CONFIG:
+            print(f"{KIND}/{name}: Failed (configuration or input error, not retried)", file=out)
+            return code
+        if code != EXIT_PREEMPTED:
+            restarts += 1
+            if restarts > max_restarts:
+                print(f"{KIND}/{name}: Failed after {max_restarts} restarts (exit {code})", file=out)
+                return code
+        print(f"{KIND}/{name}: Restarting (exit {code}; restarts {restarts}/{max_restarts})", file=out)
+        attempt += 1

@@ -1,0 +1,208 @@
+"""Phase and conditions of a DPOJob from its current Job: pure functions, no I/O.
+
+The decision table (what happens when the attempt's Job reaches a state):
+
+| Job state | condition | DPOJob |
+|---|---|---|
+| Complete | – | Succeeded |
+| Failed, podFailurePolicy rule "config" (exit 2) | – | Failed (ConfigError), never retried |
+| Failed, reason DeadlineExceeded | – | Failed (DeadlineExceeded) |
+| Failed, podFailurePolicy rule "preempted" (exit 75) | – | Restarting, not counted |
+| Failed, anything else | restarts < maxRestarts | Restarting, counted |
+| Failed, anything else | restarts >= maxRestarts | Failed (MaxRestartsExceeded) |
+| active pods | spec not suspended | Running |
+| suspended / spec suspended | – | Suspended (user) or Pending/Queued (Kueue) |
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED
+
+from .api import FINISHED_PHASES, PHASES, RunPolicy
+from .children import RULE_CONFIG, RULE_PREEMPTED
+
+_RULE_RE = re.compile(r"exit code (\d+) matching FailJob rule at index (\d+)")
+
+
+def now_iso(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What a batch/v1 Job says about the gang. kind: pending|running|suspended|succeeded|failed."""
+
+    kind: str
+    reason: str = ""
+    message: str = ""
+    exit_code: int | None = None
+    rule: int | None = None
+
+
+def job_state(job: Mapping[str, Any]) -> JobState:
+    st = job.get("status") or {}
+    conds = {c.get("type"): c for c in st.get("conditions") or [] if c.get("status") == "True"}
+    if "Complete" in conds:
+        return JobState("succeeded", conds["Complete"].get("reason", ""), conds["Complete"].get("message", ""))
+    if "Failed" in conds:
+        c = conds["Failed"]
+        m = _RULE_RE.search(c.get("message") or "")
+        return JobState("failed", c.get("reason", ""), c.get("message", ""),
+                        int(m.group(1)) if m else None, int(m.group(2)) if m else None)
+    if (st.get("active") or 0) > 0:
+        return JobState("running")
+    if "Suspended" in conds or (job.get("spec") or {}).get("suspend"):
+        return JobState("suspended")
+    return JobState("pending")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The DPOJob's next phase and why; `restart` asks for the next attempt's children."""
+
+    phase: str
+    reason: str
+    message: str
+    warning: bool = False
+    restart: bool = False
+    counted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED_PHASES
+
+
+def next_transition(status: Mapping[str, Any], job: JobState, policy: RunPolicy,
+                    workers: int) -> Transition | None:
+    """The transition the Job's state asks for, or None when phase and reason stay the same."""
+    t = _decide(status, job, policy, workers)
+    if t is None or t.restart:  # a restart moves to the next attempt, so it never repeats
+        return t
+    if t.phase == status.get("phase") and t.reason == _reason(status, t.phase):
+        return None
+    return t
+
+
+def _decide(status: Mapping[str, Any], job: JobState, policy: RunPolicy, workers: int) -> Transition | None:
+    restarts = int(status.get("restarts") or 0)
+    attempt = int(status.get("attempt") or 0)
+    if status.get("phase") in FINISHED_PHASES:
+        return None
+    if job.kind == "succeeded":
+        return Transition("Succeeded", "Succeeded", f"all {workers} workers finished (attempt {attempt})")
+    if job.kind == "failed":
+        detail = job.message or job.reason or "the Job failed"
+        if job.rule == RULE_CONFIG or job.exit_code == EXIT_CONFIG:
+            return Transition("Failed", "ConfigError", f"a worker exited with code {EXIT_CONFIG} "
+                              f"(configuration or input error, not retried; see its log): {detail}", True)
+        if job.reason == "DeadlineExceeded":
+            return Transition("Failed", "DeadlineExceeded", f"runPolicy.activeDeadlineSeconds passed: {detail}",
+                              True)
+        if job.rule == RULE_PREEMPTED or job.exit_code == EXIT_PREEMPTED:
+            return Transition("Restarting", "Preempted", f"attempt {attempt} was preempted after writing a "
+                              f"checkpoint; restarting the gang (not counted): {detail}", True, restart=True)
+        if restarts < policy.max_restarts:
+            return Transition("Restarting", "WorkerFailed", f"attempt {attempt} failed ({detail}); gang "
+                              f"restart {restarts + 1}/{policy.max_restarts} resumes from the newest "
+                              "checkpoint", True, restart=True, counted=True)
+        return Transition("Failed", "MaxRestartsExceeded", f"attempt {attempt} failed ({detail}) after "
+                          f"{restarts} restarts (runPolicy.maxRestarts={policy.max_restarts})", True)
+    if policy.suspend:
+        return Transition("Suspended", "Suspended", "runPolicy.suspend is true; the gang's pods are stopped")
+    if job.kind == "running":
+        return Transition("Running", "Running", f"attempt {attempt}: {workers} workers running")
+    if job.kind == "suspended" and policy.queue_name:
+        return Transition("Pending", "Queued", f"waiting for Kueue to admit the gang (queue {policy.queue_name})")
+    if status.get("phase") == "Restarting":
+        return None  # the next attempt's pods are being scheduled
+    return Transition("Pending", "Created", f"attempt {attempt}: waiting for {workers} worker pods")
+
+
+def _reason(status: Mapping[str, Any], phase: str) -> str:
+    for c in status.get("conditions") or []:
+        if c.get("type") == phase and c.get("status") == "True":
+            return c.get("reason", "")
+    return ""
+
+
+def with_condition(conditions: list[Mapping[str, Any]] | None, phase: str, reason: str, message: str,
+                   now: str) -> list[dict[str, Any]]:
+    """One condition per phase: the new phase True, every other phase condition False.
+
+    lastTransitionTime changes only when a condition's status flips (Kubernetes convention).
+    """
+    out: dict[str, dict[str, Any]] = {c["type"]: dict(c) for c in conditions or []}
+    for p in PHASES:
+        want = "True" if p == phase else "False"
+        c = out.get(p)
+        if c is None:
+            if want == "True":
+                out[p] = {"type": p, "status": "True", "reason": reason, "message": message,
+                          "lastTransitionTime": now}
+            continue
+        if c.get("status") != want:
+            c.update(status=want, lastTransitionTime=now)
+        if want == "True":
+            c.update(reason=reason, message=message)
+    return [out[k] for k in out]
+
+
+def status_patch(status: Mapping[str, Any], t: Transition, now: str, output_uri: str | None = None
+                 ) -> dict[str, Any]:
+    """The merge patch of .status for a transition (restart bookkeeping included)."""
+    patch: dict[str, Any] = {
+        "phase": t.phase,
+        "message": t.message,
+        "conditions": with_condition(status.get("conditions"), t.phase, t.reason, t.message, now),
+    }
+    if t.restart:
+        patch["attempt"] = int(status.get("attempt") or 0) + 1
+        if t.counted:
+            patch["restarts"] = int(status.get("restarts") or 0) + 1
+        else:
+            patch["preemptions"] = int(status.get("preemptions") or 0) + 1
+    if t.finished:
+        patch["completionTime"] = now
+    if t.phase == "Succeeded" and output_uri:
+        patch["outputUri"] = output_uri
+    return patch
+
+
+def initial_status(generation: int | None, now: str, workers: int) -> dict[str, Any]:
+    t = Transition("Pending", "Created", f"attempt 0: waiting for {workers} worker pods")
+    return {"attempt": 0, "restarts": 0, "preemptions": 0, "startTime": now,
+            "observedGeneration": generation, **status_patch({}, t, now)}
+
+
+def invalid_status(field: str, message: str, generation: int | None, now: str) -> dict[str, Any]:
+    """Failed with a condition naming the field; the operator never retries an invalid spec."""
+    text = f"{field}: {message}" if not message.startswith(field) else message
+    t = Transition("Failed", "InvalidSpec", text, warning=True)
+    return {**status_patch({}, t, now), "observedGeneration": generation}
+
+
+def remaining_deadline(policy: RunPolicy, start_time: str | None, now: datetime) -> int | None:
+    """activeDeadlineSeconds counts over all attempts: the next Job gets what is left."""
+    if policy.active_deadline_seconds is None:
+        return None
+    start = parse_time(start_time) or now
+    return max(1, int(policy.active_deadline_seconds - (now - start).total_seconds()))
+
+
+def ttl_expired(status: Mapping[str, Any], policy: RunPolicy, now: datetime) -> bool:
+    if policy.ttl_seconds_after_finished is None or status.get("phase") not in FINISHED_PHASES:
+        return False
+    done = parse_time(status.get("completionTime"))
+    return done is not None and (now - done).total_seconds() >= policy.ttl_seconds_after_finished

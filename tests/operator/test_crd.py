@@ -1,0 +1,110 @@
+"""The CRD: generated file is current, structural, and accepts the examples / rejects bad specs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from kubedpo_operator.crd import build_crd, render_crd
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "kubedpo.io_dpojobs.yaml"
+
+
+def openapi_schema() -> dict[str, Any]:
+    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def to_jsonschema(node: Any) -> Any:
+    """OpenAPI v3 (Kubernetes flavour) → JSON Schema: nullable, boolean exclusive bounds."""
+    if isinstance(node, list):
+        return [to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+    for bound, flag in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if out.get(bound) is True:
+            out[bound] = out.pop(flag)
+    if out.pop("nullable", False):
+        out["type"] = [out["type"], "null"]
+    if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False  # the API server prunes unknown fields; we reject them
+    return out
+
+
+def validate(manifest: dict) -> None:
+    jsonschema.validate(manifest, to_jsonschema(openapi_schema()))
+
+
+def test_checked_in_crd_equals_generator_output():
+    assert CRD_FILE.read_text() == render_crd(), "run `make crd`; never edit the CRD by hand"
+
+
+def _walk(node: dict, path: str = "$"):
+    yield path, node
+    for k, v in (node.get("properties") or {}).items():
+        yield from _walk(v, f"{path}.{k}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural_and_documented():
+    forbidden = {"$ref", "$defs", "anyOf", "allOf", "oneOf", "title", "const"}
+    for path, node in _walk(openapi_schema()):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        assert not forbidden & set(node), path
+        assert not (node.get("properties") and "additionalProperties" in node), path
+        if path.startswith(("$.spec", "$.status")) and not path.endswith(("[]", "{}")):
+            assert node.get("description"), f"{path} has no description (kubectl explain)"
+
+
+def test_crd_names_columns_and_rules():
+    crd = build_crd()
+    assert crd["spec"]["names"]["shortNames"] == ["dpoj"]
+    v = crd["spec"]["versions"][0]
+    assert v["subresources"] == {"status": {}}
+    cols = [c["name"] for c in v["additionalPrinterColumns"] if not c.get("priority")]
+    assert cols == ["Phase", "Step", "Loss", "Reward-Acc", "Restarts", "Age"]
+    spec = v["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["training"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+    assert spec["properties"]["workers"]["minimum"] == 1
+    assert spec["properties"]["training"]["properties"]["loss"]["enum"][0] == "sigmoid"
+    beta = spec["properties"]["training"]["properties"]["beta"]
+    assert beta["minimum"] == 0 and beta["exclusiveMinimum"] is True and beta["default"] == 0.1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_validate_against_the_schema(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for doc in docs:
+        validate(doc)
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda s: s.update(workers=0), "workers"),
+    (lambda s: s["training"].update(beta=0), "beta"),
+    (lambda s: s["training"].update(loss="dpo++"), "loss"),
+    (lambda s: s.pop("output"), "output"),
+    (lambda s: s["model"].update(dtype="int3"), "dtype"),
+])
+def test_schema_rejects_bad_specs(mutate, field):
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    doc = copy.deepcopy(doc)
+    mutate(doc["spec"])
+    with pytest.raises(jsonschema.ValidationError) as err:
+        validate(doc)
+    assert field in str(err.value.path) + err.value.message
+
+
+def test_crd_is_a_valid_apiextensions_object():
+    import kubernetes_validate
+
+    kubernetes_validate.validate(build_crd(), kubernetes_validate.latest_version(), strict=True)
