@@ -11,6 +11,7 @@ as exit code 1, which would erase the exit-code contract the podFailurePolicy be
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import yaml
@@ -190,6 +191,9 @@ def _pod_spec(name: str, namespace: str, spec: DPOJobSpec, attempt: int,
         shm["sizeLimit"] = settings.shm_size_limit
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
+        # SIGTERM -> finish the step, write a checkpoint, exit 75: give it the configured grace
+        # plus slack for the launcher to collect its workers, before the kubelet's SIGKILL.
+        "terminationGracePeriodSeconds": math.ceil(spec.checkpoint.preemption_grace_seconds) + 15,
         "subdomain": job_name(name, attempt),  # pods resolve as <job>-<attempt>-<index>.<service>
         "automountServiceAccountToken": False,  # the trainer needs no Kubernetes permissions
         "securityContext": {

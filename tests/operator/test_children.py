@@ -48,6 +48,7 @@ def test_gang_job_shape():
     assert s["suspend"] is False and "activeDeadlineSeconds" not in s
     pod = s["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["subdomain"] == "llama-2"
+    assert pod["terminationGracePeriodSeconds"] == 25 + 15  # checkpoint.preemptionGraceSeconds + slack
     assert pod["securityContext"]["runAsNonRoot"] is True
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"

@@ -51,6 +51,17 @@ def test_keep_last_prunes_oldest(tmp_path: Path) -> None:
     assert not Path(ckpt.step_dir(uri, 1)).exists()
 
 
+def test_prune_drops_dead_partial_uploads_but_not_newer_ones(tmp_path: Path) -> None:
+    uri = str(tmp_path / "ckpt")
+    w = ckpt.CheckpointWriter(uri, 0, 1, keep_last=2, staging=tmp_path / "s")
+    w.save(_snap(1, 0, "1"), wait=True)
+    for dead in (2, 9):  # 2: killed mid-upload long ago; 9: still uploading on another rank
+        Path(ckpt.step_dir(uri, dead)).mkdir(parents=True)
+        (Path(ckpt.step_dir(uri, dead)) / "data-rank1.json").write_text("partial")
+    w.save(_snap(3, 0, "3"), wait=True)
+    assert ckpt.all_steps(uri) == [1, 3, 9]
+
+
 def test_missing_rank_times_out_without_complete(tmp_path: Path) -> None:
     uri = str(tmp_path / "ckpt")
     w0 = ckpt.CheckpointWriter(uri, 0, 2, keep_last=3, staging=tmp_path / "s", marker_timeout_s=0.5)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 _STEP_RE = re.compile(r"step-(\d+)/COMPLETE$")
+_ANY_STEP_RE = re.compile(r"step-(\d+)/")
 
 
 def step_dir(uri: str, step: int) -> str:
@@ -51,6 +52,16 @@ def complete_steps(uri: str) -> list[int]:
         return []
     steps = (_STEP_RE.search(o.uri) for o in objects)
     return sorted({int(m.group(1)) for m in steps if m})
+
+
+def all_steps(uri: str) -> list[int]:
+    """Every step with any object under `uri`, complete or not."""
+    try:
+        objects = storage.list_objects(uri)
+    except InputError:
+        return []
+    found = (_ANY_STEP_RE.search(o.uri) for o in objects)
+    return sorted({int(m.group(1)) for m in found if m})
 
 
 def latest_complete(uri: str | None) -> int | None:
@@ -232,6 +243,10 @@ class CheckpointWriter:
                 time.sleep(0.1)
 
     def _prune(self) -> None:
-        steps = complete_steps(self.uri)
-        for old in steps[: max(0, len(steps) - self.keep_last)]:
-            storage.delete_prefix(step_dir(self.uri, old))
+        """Keep the newest keepLast complete checkpoints; drop older ones and dead partial uploads
+        (a step dir without COMPLETE older than the newest complete one can never complete)."""
+        complete = complete_steps(self.uri)
+        keep = set(complete[-self.keep_last :])
+        for step in all_steps(self.uri):
+            if step not in keep and step < complete[-1]:
+                storage.delete_prefix(step_dir(self.uri, step))

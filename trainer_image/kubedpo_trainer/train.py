@@ -158,6 +158,15 @@ class Trainer:
         self.metrics.set({"last_checkpoint_step": self.step})
         self.last_checkpoint_time = time.monotonic()
 
+    def _check_grace(self) -> None:
+        if self.stop.requested_at is None:
+            return
+        took = time.monotonic() - self.stop.requested_at
+        grace = self.cfg.checkpoint.preemption_grace_seconds
+        if took > grace:
+            log.warning("preemption checkpoint took %.1fs, over checkpoint.preemptionGraceSeconds=%.0fs: "
+                        "raise it, or the kubelet may kill the pod before the checkpoint completes", took, grace)
+
     def _agree(self) -> tuple[bool, bool]:
         """(stop now, checkpoint by time): one tiny all-reduce so every rank acts on the same step."""
         every = self.cfg.checkpoint.every_minutes
@@ -242,6 +251,7 @@ class Trainer:
                 eval_values = self.evaluate()
             if stop:
                 self.save_checkpoint(wait=True)
+                self._check_grace()
                 raise Preempted(f"stopped at step {self.step} on SIGTERM; checkpoint written")
             if due or (c.every_steps and self.step % c.every_steps == 0):
                 self.save_checkpoint()
