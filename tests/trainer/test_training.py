@@ -101,3 +101,19 @@ def test_lora_run_exports_only_the_adapter(tiny, tmp_path: Path) -> None:
     assert not (out / "model.safetensors").exists()
     assert (out / "merged" / "model.safetensors").exists()
     assert run.summary()["step"] == 3
+
+
+def test_precomputed_reference_trains_like_live(tiny, tmp_path: Path) -> None:
+    """referenceLogps: precompute gives the live run's losses (same numbers, looked up) and
+    still evaluates after the reference model was freed."""
+    runs = {}
+    for mode in ("live", "precompute"):
+        cfg = tiny_config(tiny, tmp_path / mode, training={"maxSteps": 5, "referenceLogps": mode})
+        runs[mode] = run_trainer(cfg, tmp_path / mode)
+        assert runs[mode].returncode == 0, runs[mode].stderr[-3000:]
+    live = [r["loss"] for r in runs["live"].train_logs()]
+    pre = [r["loss"] for r in runs["precompute"].train_logs()]
+    assert live == pytest.approx(pre, abs=1e-5) and live[-1] < live[0]
+    assert "precomputed reference log-probs for 2304 rows" in runs["precompute"].stderr
+    assert runs["precompute"].summary()["eval"]["eval_loss"] == pytest.approx(
+        runs["live"].summary()["eval"]["eval_loss"], abs=1e-5)

@@ -20,7 +20,8 @@ from .metrics import DPO_GAUGES
 
 
 @torch.no_grad()
-def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, tokenizer: Any, beta: float) -> dict[str, float]:
+def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, reference: Any, tokenizer: Any,
+             beta: float) -> dict[str, float]:
     assert cfg.data.eval is not None
     policy = acc.unwrap_model(models.policy)
     was_training = policy.training
@@ -32,7 +33,7 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, tokenizer: Any, 
     for batch in stream.eval_batches(device=acc.device):
         with acc.autocast():
             out_policy = concatenated_forward(policy, batch)
-            ref = models.reference_logps(batch)
+            ref = reference.logps(batch)
             out = compute_loss(cfg.training.loss, LossInputs.from_forward(out_policy, ref, batch), beta,
                                cfg.training)
         n = len(batch["row_ids"])

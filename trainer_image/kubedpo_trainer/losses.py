@@ -37,8 +37,8 @@ class LossInputs:
         return cls(
             policy.chosen_logps,
             policy.rejected_logps,
-            None if ref is None else ref.chosen_logps.detach(),
-            None if ref is None else ref.rejected_logps.detach(),
+            None if ref is None else ref.chosen_logps.detach().to(dev),  # precomputed ones live on CPU
+            None if ref is None else ref.rejected_logps.detach().to(dev),
             policy.chosen_len,
             policy.rejected_len,
             batch["margin"].to(dev),

@@ -37,6 +37,7 @@ from .losses import LossInputs, beta_at, compute_loss
 from .metrics import TrainerMetrics
 from .models import load_models, load_tokenizer
 from .progress import StepLogger
+from .reference import Reference, precompute
 from .signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Trainer:
             log.info("metrics on :%d/metrics", self.metrics_port)
         self.tokenizer = load_tokenizer(cfg, self.acc)
         self.models = load_models(cfg, self.acc)
+        self.reference = (precompute(cfg, self.acc, self.models, self.tokenizer)
+                          if t.reference_logps == "precompute" else Reference(self.models))
         params = [p for p in self.models.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
         self.train_stream = PreferenceStream(
@@ -185,7 +188,7 @@ class Trainer:
         for batch in batches:
             with self.acc.accumulate(self.models.policy):
                 policy = concatenated_forward(self.models.policy, batch)
-                ref = self.models.reference_logps(batch)
+                ref = self.reference.logps(batch)
                 out = compute_loss(t.loss, LossInputs.from_forward(policy, ref, batch), beta, t)
                 self.acc.backward(out.loss)
                 if self.acc.sync_gradients:
@@ -218,8 +221,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if not self.cfg.data.eval:
             return {}
-        values = evaluate(self.cfg, self.acc, self.models, self.tokenizer, beta_at(self.step, self.total_steps,
-                                                                                      self.cfg.training))
+        beta = beta_at(self.step, self.total_steps, self.cfg.training)
+        values = evaluate(self.cfg, self.acc, self.models, self.reference, self.tokenizer, beta)
         self.metrics.set(values)
         self.log.eval(self.step, values)
         return values
