@@ -117,3 +117,16 @@ def test_precomputed_reference_trains_like_live(tiny, tmp_path: Path) -> None:
     assert "precomputed reference log-probs for 2304 rows" in runs["precompute"].stderr
     assert runs["precompute"].summary()["eval"]["eval_loss"] == pytest.approx(
         runs["live"].summary()["eval"]["eval_loss"], abs=1e-5)
+
+
+def test_gradient_accumulation_matches_the_bigger_batch(tiny, tmp_path: Path) -> None:
+    """batchSize 4 x gradientAccumulationSteps 2 == batchSize 8: same rows per optimizer step,
+    same averaged gradient, so the same loss at every step (1e-4, reduction order)."""
+    losses = {}
+    for name, tr in {"big": {"batchSize": 8}, "accum": {"batchSize": 4, "gradientAccumulationSteps": 2}}.items():
+        cfg = tiny_config(tiny, tmp_path / name, data={"shuffleBuffer": 1}, training={"maxSteps": 5, **tr})
+        run = run_trainer(cfg, tmp_path / name)
+        assert run.returncode == 0, run.stderr[-3000:]
+        losses[name] = [r["loss"] for r in run.train_logs()]
+    assert len(losses["big"]) == 5 and len(set(losses["big"])) == 5  # weights moved: not a constant
+    assert losses["big"] == pytest.approx(losses["accum"], abs=1e-4)
