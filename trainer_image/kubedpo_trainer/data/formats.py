@@ -1,8 +1,14 @@
 """Shard readers (JSONL, JSONL.gz, Parquet) and TRL's preference row formats.
 
-Readers yield (row index, raw dict) from a starting row, reading through `storage.open_range`
-so S3 and local files share one path. Plain JSONL can start at a byte offset (a seek); gzip and
-Parquet skip rows (Parquet by whole row groups, read one at a time, never the whole file).
+Readers yield (row index, byte offset after the row or -1, raw value) from a starting row,
+reading through `storage.open_range` so S3 and local files share one code path. Plain JSONL
+starts at a byte offset (one ranged GET, no re-reading); a gzip stream cannot be entered in
+the middle, so it is decompressed from its start and rows before `start_row` are skipped
+(streaming, never held); Parquet skips whole row groups from the footer's metadata and reads
+one row group at a time, never the whole file.
+
+Row index: the physical 0-based line index for JSONL (blank lines count, so `file:line` is
+what an editor shows as line index + 1), the 0-based row index for Parquet.
 """
 
 from __future__ import annotations
@@ -10,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .. import storage
 from ..errors import InputError
@@ -21,10 +28,13 @@ from ..errors import InputError
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet")
 
 Messages = list[dict[str, str]]
+Format = Literal["auto", "standard", "conversational", "implicit"]
 
 
 @dataclass(frozen=True)
 class PreferenceRow:
+    """One validated pair; prompt/chosen/rejected are all strings or all message lists."""
+
     prompt: str | Messages
     chosen: str | Messages
     rejected: str | Messages
@@ -40,12 +50,26 @@ class BadRecord(ValueError):
     """A row that cannot be used; the stream adds `file:line` and applies onBadRecord."""
 
 
+def row_label(uri: str, index: int) -> str:
+    """The stable id of a row, `<shard uri>:<line>`: 1-based line for JSONL, row index for Parquet.
+
+    It names the row in errors and in `row_ids` (exactly-once accounting), so it must be
+    what a user finds with an editor (`sed -n 12p`) or `pq.read_table(...).slice(12, 1)`.
+    """
+    return f"{uri}:{index if uri.endswith('.parquet') else index + 1}"
+
+
+# --- readers --------------------------------------------------------------------------------
+
+
 def read_rows(uri: str, start_row: int = 0, start_byte: int | None = None) -> Iterator[tuple[int, int, Any]]:
     """Yield (row index, byte offset after the row or -1, raw) from `start_row` on.
 
-    raw is a dict, or a BadRecord for a line that is not JSON (so the caller can name the line).
-    Row index is 0-based; the line number users see is index + 1. A shard that cannot be
-    decoded at all (corrupt gzip or Parquet) is an InputError naming it: retrying won't fix it.
+    `start_byte` (plain JSONL only) must be the byte where row `start_row` starts, as a
+    previous read reported it; it turns the skip into a seek. raw is a dict (or any JSON
+    value), or a BadRecord for a line that is not JSON, so the caller can name the line.
+    A shard that cannot be decoded at all (corrupt gzip or Parquet) is an InputError naming
+    it: retrying will not fix it.
     """
     with _decoding_errors(uri):
         yield from _read_rows(uri, start_row, start_byte)
@@ -56,7 +80,7 @@ def _decoding_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except (gzip.BadGzipFile, zlib.error, EOFError, ValueError) as err:
-        # Only decoding errors: network errors stay StorageError (retriable) from the reader.
+        # Decoding errors only: network errors stay StorageError (retriable) from the reader.
         raise InputError(f"{uri}: unreadable shard: {type(err).__name__}: {err}") from None
 
 
@@ -74,7 +98,7 @@ def _read_rows(uri: str, start_row: int, start_byte: int | None) -> Iterator[tup
 
 
 def _jsonl(f: Any, first_row: int, start_row: int, track_bytes: bool, offset: int = 0) -> Iterator[tuple[int, int, Any]]:
-    """Row index = physical line index (so `file:line` is what an editor shows); blank lines skipped."""
+    """Rows of a line stream whose first line has index `first_row`; blank lines are skipped."""
     row = first_row
     for line in f:
         offset += len(line)
@@ -95,7 +119,7 @@ def _parquet_rows(uri: str, start_row: int) -> Iterator[tuple[int, int, Any]]:
         base = 0
         for g in range(pf.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
-            if base + n > start_row:
+            if base + n > start_row:  # groups wholly before start_row are never fetched
                 for i, rec in enumerate(pf.read_row_group(g).to_pylist()):
                     if base + i >= start_row:
                         yield base + i, -1, rec
@@ -103,34 +127,69 @@ def _parquet_rows(uri: str, start_row: int) -> Iterator[tuple[int, int, Any]]:
 
 
 def count_rows(uri: str) -> int:
-    """Rows in a shard (Parquet from metadata; JSONL by a streaming pass counting non-blank lines)."""
+    """Rows in a shard: Parquet from its footer; JSONL by one streaming pass over non-blank lines."""
     with _decoding_errors(uri):
-        return _count_rows(uri)
+        if uri.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with storage.open_range(uri) as f:
+                return int(pq.ParquetFile(f).metadata.num_rows)
+        with storage.open_range(uri) as raw:
+            f = gzip.open(raw, "rb") if uri.endswith(".gz") else raw
+            return sum(1 for line in f if line.strip())
 
 
-def _count_rows(uri: str) -> int:
-    if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        with storage.open_range(uri) as f:
-            return int(pq.ParquetFile(f).metadata.num_rows)
-    with storage.open_range(uri) as raw:
-        f = gzip.open(raw, "rb") if uri.endswith(".gz") else raw
-        return sum(1 for line in f if line.strip())
+# --- row formats ----------------------------------------------------------------------------
 
 
-def _text_or_messages(value: Any, field: str) -> str | Messages:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
-        return value
-    raise BadRecord(f"field '{field}' must be a string or a list of {{role, content}} messages")
+def parse_row(raw: Any, fmt: Format = "auto") -> PreferenceRow:
+    """Validate one raw row into a PreferenceRow in TRL's formats; BadRecord says what is wrong.
+
+    auto decides per row: no `prompt` field means implicit prompt; message lists mean
+    conversational. An explicit format is enforced, so a data set that drifted is caught.
+    `chosen == rejected` is allowed (it is a valid, if useless, pair).
+    """
+    if isinstance(raw, BadRecord):
+        raise raw
+    if not isinstance(raw, dict):
+        raise BadRecord(f"expected a JSON object, got {type(raw).__name__}")
+    for name in ("chosen", "rejected"):
+        if raw.get(name) is None:
+            raise BadRecord(f"missing field '{name}'")
+    chosen = _text_or_messages(raw["chosen"], "chosen")
+    rejected = _text_or_messages(raw["rejected"], "rejected")
+    has_prompt = raw.get("prompt") is not None
+    if fmt == "implicit" and has_prompt:
+        raise BadRecord("format 'implicit' derives the prompt; this row has a 'prompt' field")
+    if fmt in ("standard", "conversational") and not has_prompt:
+        raise BadRecord(f"missing field 'prompt' (format '{fmt}')")
+    if has_prompt:
+        prompt = _text_or_messages(raw["prompt"], "prompt")
+        if len({type(prompt), type(chosen), type(rejected)}) != 1:
+            raise BadRecord("prompt, chosen and rejected must all be strings or all message lists")
+    else:
+        prompt, chosen, rejected = split_common_prefix(chosen, rejected)
+    if fmt == "standard" and not isinstance(chosen, str):
+        raise BadRecord("format 'standard' needs string fields")
+    if fmt == "conversational" and not isinstance(chosen, list):
+        raise BadRecord("format 'conversational' needs message lists")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not value:
+            raise BadRecord(f"empty '{name}' response" + ("" if has_prompt else " after the shared prefix"))
+    margin = _number(raw.get("margin"), "margin", 0.0)
+    weight = _number(raw.get("weight"), "weight", 1.0)
+    if weight < 0:
+        raise BadRecord(f"field 'weight' must be >= 0, got {weight}")
+    return PreferenceRow(prompt, chosen, rejected, margin, weight)
 
 
-def _common_prefix(chosen: str | Messages, rejected: str | Messages) -> tuple[Any, Any, Any]:
-    """Implicit prompt: split at the longest shared prefix (TRL's extract_prompt)."""
+def split_common_prefix(chosen: str | Messages, rejected: str | Messages) -> tuple[Any, Any, Any]:
+    """Implicit prompt: (prompt, chosen rest, rejected rest), split as TRL's `extract_prompt`.
+
+    Strings split at the longest common character prefix, giving a space just before the
+    split to the responses (" animal", not "animal"); message lists split after the common
+    leading messages.
+    """
     if isinstance(chosen, list) and isinstance(rejected, list):
         i = 0
         while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
@@ -140,49 +199,27 @@ def _common_prefix(chosen: str | Messages, rejected: str | Messages) -> tuple[An
         i = 0
         while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
             i += 1
-        if 0 < i < len(chosen) and chosen[i - 1] == " ":
-            i -= 1  # keep the space with the response, as TRL does
+        if 0 < i and chosen[i - 1] == " " and (i < len(chosen) or i < len(rejected)):
+            i -= 1
         return chosen[:i], chosen[i:], rejected[i:]
     raise BadRecord("fields 'chosen' and 'rejected' must both be strings or both message lists")
 
 
-def parse_row(raw: Any, fmt: str = "auto") -> PreferenceRow:
-    """Validate one raw row into a PreferenceRow; BadRecord says what is wrong."""
-    if isinstance(raw, BadRecord):
-        raise raw
-    if not isinstance(raw, dict):
-        raise BadRecord(f"expected a JSON object, got {type(raw).__name__}")
-    for f in ("chosen", "rejected"):
-        if f not in raw:
-            raise BadRecord(f"missing field '{f}'")
-    chosen = _text_or_messages(raw["chosen"], "chosen")
-    rejected = _text_or_messages(raw["rejected"], "rejected")
-    implicit = fmt == "implicit" or (fmt == "auto" and raw.get("prompt") is None)
-    if implicit:
-        prompt, chosen, rejected = _common_prefix(chosen, rejected)
-    else:
-        if "prompt" not in raw:
-            raise BadRecord("missing field 'prompt' (format 'standard'/'conversational')")
-        prompt = _text_or_messages(raw["prompt"], "prompt")
-    kinds = {type(prompt), type(chosen), type(rejected)}
-    if len(kinds) != 1 and not (implicit and isinstance(prompt, list | str)):
-        raise BadRecord("prompt, chosen and rejected must all be strings or all message lists")
-    if fmt == "standard" and not isinstance(chosen, str):
-        raise BadRecord("format 'standard' needs string fields")
-    if fmt == "conversational" and not isinstance(chosen, list):
-        raise BadRecord("format 'conversational' needs message lists")
-    if not chosen or not rejected:
-        raise BadRecord("empty 'chosen' or 'rejected' response")
-    margin = _number(raw.get("margin", 0.0), "margin")
-    weight = _number(raw.get("weight", 1.0), "weight")
-    if weight < 0:
-        raise BadRecord("field 'weight' must be >= 0")
-    return PreferenceRow(prompt, chosen, rejected, margin, weight)
+def _text_or_messages(value: Any, name: str) -> str | Messages:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        for i, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise BadRecord(f"field '{name}[{i}]' must be a message {{role: str, content: str}}")
+        return value
+    raise BadRecord(f"field '{name}' must be a string or a non-empty list of {{role, content}} messages, "
+                    f"got {type(value).__name__}")
 
 
-def _number(value: Any, field: str) -> float:
-    if value is None:
-        return 0.0 if field == "margin" else 1.0
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRecord(f"field '{field}' must be a number")
+def _number(value: Any, name: str, default: float) -> float:
+    if value is None:  # absent, JSON null, or a Parquet null in a column other rows fill
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRecord(f"field '{name}' must be a finite number, got {value!r}")
     return float(value)
