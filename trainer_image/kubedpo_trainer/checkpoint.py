@@ -44,24 +44,23 @@ def step_dir(uri: str, step: int) -> str:
     return storage.join(uri, f"step-{step:06d}")
 
 
-def complete_steps(uri: str) -> list[int]:
-    """Steps under `uri` that have a COMPLETE marker, ascending. A missing prefix means none."""
+def _steps(uri: str, pattern: re.Pattern[str]) -> list[int]:
     try:
         objects = storage.list_objects(uri)
     except InputError:
-        return []
-    steps = (_STEP_RE.search(o.uri) for o in objects)
-    return sorted({int(m.group(1)) for m in steps if m})
+        return []  # no prefix yet: no checkpoints
+    found = (pattern.search(o.uri) for o in objects)
+    return sorted({int(m.group(1)) for m in found if m})
+
+
+def complete_steps(uri: str) -> list[int]:
+    """Steps under `uri` that have a COMPLETE marker, ascending."""
+    return _steps(uri, _STEP_RE)
 
 
 def all_steps(uri: str) -> list[int]:
     """Every step with any object under `uri`, complete or not."""
-    try:
-        objects = storage.list_objects(uri)
-    except InputError:
-        return []
-    found = (_ANY_STEP_RE.search(o.uri) for o in objects)
-    return sorted({int(m.group(1)) for m in found if m})
+    return _steps(uri, _ANY_STEP_RE)
 
 
 def latest_complete(uri: str | None) -> int | None:
