@@ -92,14 +92,18 @@ def run(manifest: str, out: IO[str] = sys.stdout) -> int:
     except SpecError as err:
         print(f"{manifest}: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    workdir = Path(tempfile.mkdtemp(prefix=f"kubedpo-{name}-"))
-    config_path = workdir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(spec.trainer_config().to_wire(), sort_keys=False))
+    with tempfile.TemporaryDirectory(prefix=f"kubedpo-{name}-") as workdir:
+        config_path = Path(workdir) / "config.yaml"
+        config_path.write_text(yaml.safe_dump(spec.trainer_config().to_wire(), sort_keys=False))
+        return _run_attempts(spec, name, namespace, str(config_path), out)
+
+
+def _run_attempts(spec: DPOJobSpec, name: str, namespace: str, config_path: str, out: IO[str]) -> int:
     restarts, attempt = 0, 0
     max_restarts = spec.run_policy.max_restarts
     while True:
         print(f"{KIND}/{name}: attempt {attempt} with {spec.workers} worker(s)", file=out, flush=True)
-        code = run_attempt(spec, name, namespace, attempt, str(config_path), out)
+        code = run_attempt(spec, name, namespace, attempt, config_path, out)
         if code == EXIT_OK:
             print(f"{KIND}/{name}: Succeeded; output in {spec.output.uri}", file=out)
             return 0

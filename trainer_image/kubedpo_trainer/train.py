@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -50,6 +51,7 @@ class Trainer:
         self.step = 0
         self.tokens_total = 0.0
         self.step_times: list[float] = []
+        self._scratch_dirs: list[Path] = []
         self.started = time.monotonic()
 
     # --- setup ------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ class Trainer:
         if cfg.checkpoint.uri:
             self.writer = ckpt.CheckpointWriter(
                 cfg.checkpoint.uri, self.rank, self.world, cfg.checkpoint.keep_last,
-                staging=Path(tempfile.mkdtemp(prefix="kubedpo-ckpt-")),
+                staging=self._scratch("kubedpo-ckpt-"),
             )
         self._resume()
         self.log = StepLogger(self.rank, self.total_steps, self.metrics)
@@ -121,7 +123,7 @@ class Trainer:
         if step is None:
             return
         uri = ckpt.step_dir(self.cfg.checkpoint.uri, step)
-        local = storage.download_dir(uri, Path(tempfile.mkdtemp(prefix="kubedpo-resume-")))
+        local = storage.download_dir(uri, self._scratch("kubedpo-resume-") / "step")  # lock file stays inside
         state = json.loads((local / "trainer_state.json").read_text())
         if state["world_size"] != self.world:
             raise InputError(
@@ -227,7 +229,20 @@ class Trainer:
         self.log.eval(self.step, values)
         return values
 
+    def _scratch(self, prefix: str) -> Path:
+        """A local temp folder removed when the run ends, however it ends."""
+        path = Path(tempfile.mkdtemp(prefix=prefix))
+        self._scratch_dirs.append(path)
+        return path
+
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            for path in self._scratch_dirs:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _run(self) -> dict[str, Any]:
         self.setup()
         self.stop.install()
         self.last_checkpoint_time = time.monotonic()
