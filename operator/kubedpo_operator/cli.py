@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import sys
 from collections.abc import Sequence
 
@@ -63,6 +64,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
         liveness_endpoint=settings.liveness_endpoint or None,
         standalone=not settings.peering_name,
         peering_name=settings.peering_name or None,
+        # kopf keeps one active replica per peering only if priorities differ.
+        priority=random.randint(0, 32767) if settings.peering_name else 0,
     ))
     return 0
 

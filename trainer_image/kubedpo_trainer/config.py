@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from .errors import ConfigError
@@ -45,6 +53,14 @@ class LossType(StrEnum):
     robust = "robust"
     offset = "offset"
     simpo = "simpo"
+    sigmoid_norm = "sigmoid_norm"
+    exo_pair = "exo_pair"
+    nca_pair = "nca_pair"
+    bco_pair = "bco_pair"
+    sppo_hard = "sppo_hard"
+    apo_zero = "apo_zero"
+    apo_down = "apo_down"
+    discopop = "discopop"
 
 
 class LoraConfig(Schema):
@@ -126,16 +142,33 @@ class BetaSchedule(Schema):
 class TrainingConfig(Schema):
     loss: LossType = Field(
         LossType.sigmoid,
-        description="sigmoid (DPO), ipo, hinge, robust (cDPO, uses labelSmoothing), offset (ODPO, "
-        "per-row margin), simpo (reference-free, length-normalised).",
+        description="sigmoid (DPO; conservative DPO with labelSmoothing), ipo, hinge (SLiC), robust "
+        "(rDPO, uses labelSmoothing), offset (ODPO, per-row margin), simpo (reference-free, "
+        "length-normalised), and TRL's sigmoid_norm, exo_pair (needs labelSmoothing > 0), nca_pair, "
+        "bco_pair, sppo_hard, apo_zero, apo_down, discopop (uses discopopTau).",
     )
     beta: float = Field(0.1, gt=0, description="Strength of the KL constraint to the reference.")
     beta_schedule: BetaSchedule | None = Field(None, description="Anneal beta from training.beta.")
     label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="Probability that a pair's label is flipped (robust/sigmoid)."
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Probability that a pair's label is flipped (sigmoid, robust, simpo); the target "
+        "distribution's epsilon for exo_pair.",
     )
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin gamma.")
     offset_alpha: float = Field(1.0, ge=0, description="ODPO: scale of the per-row margin.")
+    discopop_tau: float = Field(
+        0.05, gt=0, description="DiscoPOP temperature of the logistic/exponential mix (paper default 0.05)."
+    )
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _exo_needs_smoothing(cls, v: float, info: ValidationInfo) -> float:
+        """exo_pair takes log(labelSmoothing): 0 would make every loss infinite at the first step."""
+        if info.data.get("loss") == LossType.exo_pair.value and v <= 0:
+            raise ValueError("must be > 0 with loss exo_pair (e.g. 0.001)")
+        return v
     learning_rate: float = Field(5e-7, gt=0, description="Peak learning rate of AdamW.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="Decay after warmup."

@@ -1,13 +1,15 @@
 """One forward over chosen and rejected together, and TRL's per-batch DPO metrics.
 
 Chosen and rejected rows share the prompt, so running them as one (2B, T) batch halves the
-number of kernel launches and keeps one padding length. Logits are only computed from the
-earliest response position on (`logits_to_keep`): prompt positions never enter the loss, and
-at a 128k vocabulary their logits are most of the activation memory.
+number of forward calls (and FSDP/DDP collectives) and keeps one padding length. Logits are
+only computed from the position that predicts the earliest response token on (HF
+`logits_to_keep`): prompt positions never enter the loss, and at a 128k vocabulary their logits
+are most of the activation memory of a long-prompt batch.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,37 +20,69 @@ from .logprobs import sequence_logps
 
 @dataclass(frozen=True)
 class ForwardOutput:
-    chosen_logps: torch.Tensor  # (B,)
+    chosen_logps: torch.Tensor  # (B,) summed response log-probs
     rejected_logps: torch.Tensor  # (B,)
     chosen_len: torch.Tensor  # (B,) response tokens
     rejected_len: torch.Tensor  # (B,)
-    chosen_logits_sum: torch.Tensor  # (B,) sum over response positions of the vocab-mean logit
+    chosen_logits_sum: torch.Tensor  # (B,) detached: sum over response positions of the vocab-mean logit
     rejected_logits_sum: torch.Tensor  # (B,)
 
 
 def logits_to_keep(loss_mask: torch.Tensor) -> int:
-    """Positions from the one predicting the earliest response token to the end."""
+    """How many trailing positions need logits: from the one predicting the earliest response token.
+
+    The logit at position j predicts token j+1, so a response starting at token `first` needs
+    positions first-1 .. T-1. A batch without response tokens keeps everything (nothing to save).
+    """
     t = loss_mask.shape[1]
-    any_pos = loss_mask.any(0)
+    any_pos = loss_mask.bool().any(0)  # (T,)
     if not bool(any_pos.any()):
         return t
-    first = int(torch.nonzero(any_pos)[0])
+    first = int(any_pos.nonzero()[0])
     return t - max(first - 1, 0)
 
 
+def _innermost(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP/FSDP (`.module`) and peft (`get_base_model`) wrappers."""
+    m = model
+    for _ in range(8):  # wrappers nest a few levels at most
+        if hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        elif isinstance(getattr(m, "module", None), torch.nn.Module):
+            m = m.module
+        else:
+            break
+    return m
+
+
+def supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM's forward names `logits_to_keep` (transformers >= 4.50 decoders do).
+
+    Wrappers pass **kwargs through, so we look at the innermost model; a model that merely
+    swallows **kwargs would return full logits, which `sequence_logps` also handles.
+    """
+    try:
+        return "logits_to_keep" in inspect.signature(_innermost(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def concatenated_forward(model: torch.nn.Module, batch: dict[str, Any]) -> ForwardOutput:
-    input_ids = batch["input_ids"]
-    loss_mask = batch["loss_mask"]
+    """Policy (or reference) log-probs of a (2B, T) chosen+rejected batch from one forward.
+
+    Rows 0..B-1 are prompt+chosen and B..2B-1 prompt+rejected (the collate contract).
+    """
     device = next(model.parameters()).device
-    input_ids, loss_mask = input_ids.to(device), loss_mask.to(device)
-    keep = logits_to_keep(loss_mask)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=batch["attention_mask"].to(device),
-        logits_to_keep=keep,
-        use_cache=False,
-    )
+    input_ids = batch["input_ids"].to(device)  # (2B, T)
+    loss_mask = batch["loss_mask"].to(device)  # (2B, T)
+    if input_ids.shape[0] % 2:
+        raise ValueError(f"batch input_ids has {input_ids.shape[0]} rows; expected 2B (chosen then rejected)")
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if supports_logits_to_keep(model):
+        kwargs["logits_to_keep"] = logits_to_keep(loss_mask)
+    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), **kwargs)
     seq = sequence_logps(out.logits, input_ids, loss_mask)
+    del out  # the (2B, L, V) logits are no longer needed; only response rows live on in autograd
     b = input_ids.shape[0] // 2
     return ForwardOutput(
         seq.logps[:b], seq.logps[b:], seq.counts[:b], seq.counts[b:], seq.logits_sum[:b], seq.logits_sum[b:]
@@ -56,8 +90,14 @@ def concatenated_forward(model: torch.nn.Module, batch: dict[str, Any]) -> Forwa
 
 
 def dpo_metrics(loss_out: Any, policy: ForwardOutput, prefix: str = "") -> dict[str, float]:
-    """TRL 1.16 DPOTrainer's logged values for one batch, names with '/' -> '_'."""
-    c, r = loss_out.chosen_rewards, loss_out.rejected_rewards
+    """TRL 1.16 DPOTrainer's logged values for one batch, names with '/' -> '_' and `prefix` prepended.
+
+    As in `DPOTrainer._compute_loss`: rewards, accuracies, margins and logps are means over pairs;
+    accuracies count strict `chosen > rejected` (ties are wrong); logits/* are token-weighted
+    (total vocab-mean logit over total response tokens), not a mean of per-sequence means.
+    `loss_out` is a `losses.LossOutput`.
+    """
+    c, r = loss_out.chosen_rewards.detach().float(), loss_out.rejected_rewards.detach().float()
     values = {
         "loss": loss_out.loss.detach(),
         "rewards_chosen": c.mean(),
@@ -66,8 +106,12 @@ def dpo_metrics(loss_out: Any, policy: ForwardOutput, prefix: str = "") -> dict[
         "rewards_margins": (c - r).mean(),
         "logps_chosen": policy.chosen_logps.detach().mean(),
         "logps_rejected": policy.rejected_logps.detach().mean(),
-        # Token-weighted, as TRL: total logits over total response tokens.
-        "logits_chosen": policy.chosen_logits_sum.detach().sum() / policy.chosen_len.sum().clamp(min=1),
-        "logits_rejected": policy.rejected_logits_sum.detach().sum() / policy.rejected_len.sum().clamp(min=1),
+        "logits_chosen": _token_mean(policy.chosen_logits_sum, policy.chosen_len),
+        "logits_rejected": _token_mean(policy.rejected_logits_sum, policy.rejected_len),
     }
     return {prefix + k: float(v) for k, v in values.items()}
+
+
+def _token_mean(logits_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    tokens = counts.sum()
+    return logits_sum.detach().sum() / tokens if tokens > 0 else torch.zeros(())

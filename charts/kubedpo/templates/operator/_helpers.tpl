@@ -1,0 +1,36 @@
+{{/* Operator component: name, image, and the KUBEDPO_* env read by kubedpo_operator.settings. */}}
+
+{{- define "kubedpo.operator.fullname" -}}
+{{- include "kubedpo.fullname" . }}
+{{- end }}
+
+{{- define "kubedpo.operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "kubedpo.trainer.image" -}}
+{{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) }}
+{{- end }}
+
+{{/* One env var per OperatorSettings field the chart controls (tests check each maps to a field). */}}
+{{- define "kubedpo.operator.env" -}}
+- name: KUBEDPO_DEFAULT_IMAGE
+  value: {{ include "kubedpo.trainer.image" . | quote }}
+- name: KUBEDPO_NAMESPACES
+  value: {{ join "," .Values.operator.watchNamespaces | quote }}
+- name: KUBEDPO_PROGRESS_INTERVAL_S
+  value: {{ .Values.operator.progressIntervalSeconds | quote }}
+- name: KUBEDPO_OPERATOR_METRICS_PORT
+  value: {{ .Values.operator.metricsPort | quote }}
+- name: KUBEDPO_LIVENESS_ENDPOINT
+  value: {{ printf "http://0.0.0.0:%v/healthz" .Values.operator.healthPort | quote }}
+- name: KUBEDPO_PEERING_NAME
+  value: {{ ternary .Values.peering.name "" .Values.peering.enabled | quote }}
+- name: KUBEDPO_RUN_AS_USER
+  value: {{ .Values.trainer.runAsUser | quote }}
+- name: KUBEDPO_SHM_SIZE_LIMIT
+  value: {{ .Values.trainer.shmSizeLimit | quote }}
+{{- with .Values.operator.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

