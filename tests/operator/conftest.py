@@ -36,6 +36,7 @@ PATHS = {
     "Service": f"/api/v1/namespaces/{NS}/services",
     "ConfigMap": f"/api/v1/namespaces/{NS}/configmaps",
     "Event": f"/api/v1/namespaces/{NS}/events",
+    "Secret": f"/api/v1/namespaces/{NS}/secrets",
 }
 VERBS = ["list", "watch", "get", "create", "patch", "update", "delete"]
 
@@ -154,6 +155,11 @@ class FakeCluster:
         assert code in (200, 201), out.get("message")
         return out
 
+    async def create(self, kind: str, body: dict[str, Any]) -> dict:
+        code, out = await self._call("post", PATHS[kind], json=body)
+        assert code in (200, 201), out
+        return out
+
     async def patch(self, kind: str, name: str, patch: dict, status: bool = False) -> None:
         code, out = await self._call("patch", f"{PATHS[kind]}/{name}{'/status' if status else ''}", json=patch)
         assert code == 200, out
@@ -207,6 +213,7 @@ def cluster(kmock: Any) -> FakeCluster:
     res["v1/services"] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS)
     res["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS)
     res["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS)
+    res["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True, verbs=VERBS)
     res["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS)  # kopf waits for it
     return FakeCluster(kmock)
 
