@@ -52,6 +52,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from .settings import OperatorSettings
 
     settings = OperatorSettings.from_env()
+    # kopf.configure keeps foreign root handlers: without this every line came out twice, once
+    # as plain text from main()'s basicConfig and once as kopf's (JSON) line.
+    logging.getLogger().handlers.clear()
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON if args.json_logs else kopf.LogFormat.FULL)
     metrics = OperatorMetrics()
     metrics.serve(settings.operator_metrics_port)

@@ -31,7 +31,7 @@ def scenario_id(path: Path) -> str:
 
 def operator_env(docs: list[dict]) -> dict[str, str]:
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e["value"] for e in container["env"]}
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
 def example_spec():
@@ -319,3 +319,10 @@ def test_priority_class_is_optional(render) -> None:
     assert not by_kind(render(), "PriorityClass")
     pc = one(render(CHART / "ci" / "ha-monitoring-values.yaml"), "PriorityClass")
     assert pc["metadata"]["name"] == "kubedpo-training" and pc["globalDefault"] is False
+
+
+def test_operator_pod_name_is_its_kopf_peer_identity(render) -> None:
+    """kopf reads POD_ID as the peer id, so the peering object says which pod is active."""
+    container = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}

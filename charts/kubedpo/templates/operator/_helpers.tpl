@@ -12,7 +12,8 @@
 {{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) }}
 {{- end }}
 
-{{/* One env var per OperatorSettings field the chart controls (tests check each maps to a field). */}}
+{{/* One env var per OperatorSettings field the chart controls (tests check each maps to a field),
+    plus POD_ID: kopf's peer identity, so the peering object names the active pod. */}}
 {{- define "kubedpo.operator.env" -}}
 - name: KUBEDPO_DEFAULT_IMAGE
   value: {{ include "kubedpo.trainer.image" . | quote }}
@@ -30,6 +31,10 @@
   value: {{ .Values.trainer.runAsUser | quote }}
 - name: KUBEDPO_SHM_SIZE_LIMIT
   value: {{ .Values.trainer.shmSizeLimit | quote }}
+- name: POD_ID
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
 {{- with .Values.operator.extraEnv }}
 {{ toYaml . }}
 {{- end }}
