@@ -1,0 +1,135 @@
+"""The CRD's CEL rules (x-kubernetes-validations), compiled and run by Google's CEL runtime.
+
+No API server runs here, so without this the rules would first execute in a user's cluster.
+cel-expr-python is the C++ implementation of the CEL spec that Kubernetes' cel-go also
+implements; the Kubernetes-only extension libraries are not used by our rules (a rule that
+needs them fails to compile here, which is the point). As the API server does, a rule runs
+only where its field is present, and a transition rule (one that reads `oldSelf`) only on
+update, when the field exists in both the old and the new object.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cel_expr_python import cel
+
+from kubedpo_operator.api import SpecError, parse_spec
+from tests.operator.test_crd import CRD_FILE
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+MISSING = object()
+ENV = cel.NewEnv(variables={"self": cel.Type.DYN, "oldSelf": cel.Type.DYN})
+
+
+def _rules(node: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, str]]]:
+    for rule in node.get("x-kubernetes-validations", []):
+        yield path, rule
+    for name, sub in (node.get("properties") or {}).items():
+        yield from _rules(sub, (*path, name))
+    for key in ("items", "additionalProperties"):  # not supported below: fail loudly if added
+        if isinstance(node.get(key), dict):
+            assert not list(_rules(node[key])), f"{'.'.join(path)}.{key}: rules under lists/maps need a walker"
+
+
+SCHEMA = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+RULES = [(path, rule, ENV.compile(rule["rule"])) for path, rule in _rules(SCHEMA)]
+
+
+def _at(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return MISSING
+        obj = obj[key]
+    return obj
+
+
+def violations(new: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """Messages of the rules `new` breaks (on update from `old` when given)."""
+    out = []
+    for path, rule, expr in RULES:
+        value = _at(new, path)
+        if value is MISSING:
+            continue
+        data = {"self": value}
+        if "oldSelf" in rule["rule"]:
+            before = _at(old, path) if old is not None else MISSING
+            if before is MISSING:
+                continue
+            data["oldSelf"] = before
+        result = expr.eval(data=data).value()
+        assert isinstance(result, bool), f"{rule['rule']}: evaluated to {result!r}, not a bool"
+        if not result:
+            out.append(f"{'.'.join(path)}: {rule['message']}")
+    return out
+
+
+def example(name: str = "tiny-cpu.yaml") -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "examples" / name).read_text())
+
+
+def test_every_rule_compiles_and_the_immutable_sections_have_one() -> None:
+    where = {".".join(path) for path, rule, _ in RULES if rule["rule"] == "self == oldSelf"}
+    assert where == {"spec.model", "spec.data", "spec.training", "spec.workers"}
+    assert len(RULES) >= 6
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_pass_on_create_and_on_a_no_op_update(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict) and d.get("kind") == "DPOJob"]
+    assert docs
+    for doc in docs:
+        assert violations(doc) == []
+        assert violations(doc, old=copy.deepcopy(doc)) == []
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    (("spec", "training", "beta"), 0.5, "spec.training: training is immutable"),
+    (("spec", "model", "uri"), "s3://other/model/", "spec.model: model is immutable"),
+    (("spec", "data", "train"), "s3://other/prefs/", "spec.data: data is immutable"),
+    (("spec", "workers"), 4, "spec.workers: workers is immutable"),
+    (("spec", "runPolicy", "suspend"), True, None),  # suspend/resume is the point of runPolicy
+    (("spec", "runPolicy", "maxRestarts"), 5, None),
+    (("spec", "checkpoint", "everySteps"), 50, None),
+    (("spec", "resources", "limits", "memory"), "8Gi", None),
+])
+def test_updates_to_training_inputs_are_refused_and_run_policy_is_not(field: tuple[str, ...], value: Any,
+                                                                        message: str | None) -> None:
+    old = example()
+    new = copy.deepcopy(old)
+    node = new
+    for key in field[:-1]:
+        node = node.setdefault(key, {})
+    node[field[-1]] = value
+    got = violations(new, old)
+    if message is None:
+        assert got == []
+    else:
+        assert len(got) == 1 and got[0].startswith(message), got
+
+
+@pytest.mark.parametrize(("change", "field", "message"), [
+    ({"training": {"loss": "simpo"}, "model": {"uri": "s3://m/", "referenceUri": "s3://r/"}},
+     "training.loss", "simpo is reference-free"),
+    ({"checkpoint": {"everySteps": 10}}, "checkpoint.uri", "required when everySteps/everyMinutes is set"),
+    ({"checkpoint": {"everyMinutes": 5.0}}, "checkpoint.uri", "required when everySteps/everyMinutes is set"),
+])
+def test_cross_field_rules_match_the_operators_own_check(change: dict[str, Any], field: str, message: str) -> None:
+    """CEL refuses at `kubectl apply` what the operator's pydantic check would fail later, and both name the field."""
+    doc = example()
+    doc["spec"].update(change)
+    if "checkpoint" in change:
+        doc["spec"]["checkpoint"].pop("uri", None)
+    got = violations(doc)
+    assert len(got) == 1 and message in got[0], got
+    with pytest.raises(SpecError) as err:
+        parse_spec(doc["spec"])
+    assert field in str(err.value)
+    doc["spec"] = example()["spec"]  # and the unchanged example is accepted by both
+    assert violations(doc) == [] and parse_spec(doc["spec"])
