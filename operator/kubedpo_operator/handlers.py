@@ -205,7 +205,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubedpo.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kubedpo.io", key="last-handled-configuration")
-    settings.posting.level = 20  # INFO and above become Kubernetes events
+    # Events are only our kopf.event calls, one per transition: kopf's per-object log lines are
+    # not posted (posting.loggers is False by default), which bench/operator_scale.py counts.
+    settings.posting.loggers = False
     settings.execution.max_workers = 16
     # The tick may itself be deleting the DPOJob (TTL): let it finish instead of polling in 60 s.
     settings.background.instant_exit_timeout = 5.0

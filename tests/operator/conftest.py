@@ -70,7 +70,7 @@ class Emulator(kmock.KubernetesEmulator):
                 meta = {"uid": str(uuid.uuid4()), "creationTimestamp": _now(), **data.get("metadata", {}),
                         "resourceVersion": rv}
                 if "name" not in meta and "generateName" in meta:  # events are created this way
-                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:12]  # 5 chars collided at 1500 events
                 _set_data(request, {**data, "metadata": meta})
             elif request.action == kmock.action.UPDATE and isinstance(data, dict):
                 _set_data(request, {**data, "metadata": {
