@@ -115,7 +115,7 @@ async def test_apply_to_trained_model_in_s3(e2e: EndToEnd) -> None:
 
 
 async def test_worker_killed_mid_run_restarts_the_gang_and_resumes(e2e: EndToEnd) -> None:
-    doc = e2e.manifest(maxSteps=200)  # long enough that the kill lands between checkpoints 20 and 200
+    doc = e2e.manifest(maxSteps=200, epochs=4)  # long enough that the kill lands between checkpoints
     name = await e2e.apply(doc)
     await eventually(lambda: e2e.phase(name, "Running"), timeout=30)
     st = await eventually(lambda: _checkpointed(e2e, name), timeout=120)
@@ -135,7 +135,7 @@ async def test_worker_killed_mid_run_restarts_the_gang_and_resumes(e2e: EndToEnd
     attempt1 = e2e.kubelet.logs(f"{name}-1")
     assert "resumed from" in attempt1, attempt1[-3000:]
     resumed_step = int(attempt1.split("resumed from", 1)[1].split("(step ", 1)[1].split(")", 1)[0])
-    assert resumed_step >= killed_after and resumed_step % 20 == 0
+    assert resumed_step >= killed_after and resumed_step % 20 == 0  # status named a complete checkpoint
     assert "kubedpo_summary.json" in e2e.objects(doc["spec"]["output"]["uri"])
 
 

@@ -29,6 +29,21 @@ def test_complete_only_after_every_rank(tmp_path: Path) -> None:
     assert (step / "data-rank0.json").read_text() == "r0" and (step / "data-rank1.json").read_text() == "r1"
 
 
+def test_completion_is_reported_only_once_complete(tmp_path: Path) -> None:
+    """What feeds kubedpo_last_checkpoint_step and so status.lastCheckpoint: never a partial upload."""
+    uri = str(tmp_path / "ckpt")
+    seen: list[tuple[int, int | None]] = []
+    w0 = ckpt.CheckpointWriter(uri, 0, 2, keep_last=3, staging=tmp_path / "s", marker_timeout_s=10,
+                               on_complete=lambda step: seen.append((step, ckpt.latest_complete(uri))))
+    w1 = ckpt.CheckpointWriter(uri, 1, 2, keep_last=3, staging=tmp_path / "s")
+    w0.save(_snap(7, 0, "r0"))
+    threading.Event().wait(0.3)
+    assert seen == []  # rank 1 has not uploaded: nothing to report
+    w1.save(_snap(7, 1, "r1"), wait=True)
+    w0.wait()
+    assert seen == [(7, 7)]
+
+
 def test_incomplete_checkpoint_is_never_chosen(tmp_path: Path) -> None:
     uri = str(tmp_path / "ckpt")
     w = ckpt.CheckpointWriter(uri, 0, 1, keep_last=3, staging=tmp_path / "s")

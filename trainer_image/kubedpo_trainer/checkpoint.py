@@ -3,7 +3,7 @@
 Layout of one checkpoint (DESIGN.md):
     <checkpoint.uri>/step-000500/
         model.safetensors | adapter_model.safetensors   trainable weights (LoRA: the adapter only)
-        optimizer.pt, scheduler.pt, trainer_state.json  rank 0
+        optimizer.pt, scheduler.pt, trainer_state.json  rank 0 (under FSDP: optimizer-rank<r>.pt, every rank)
         rng-rank<r>.pt, data-rank<r>.json              every rank (its RNG and exact stream position)
         rank-<r>.done                                  rank r's files are all uploaded
         COMPLETE                                       written last, by rank 0, after every rank-<r>.done
@@ -81,17 +81,19 @@ def weights_file(model: torch.nn.Module) -> str:
     return "adapter_model.safetensors" if _is_peft(model) else "model.safetensors"
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state(model: torch.nn.Module, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """LoRA: the adapter weights alone (MBs, not the GBs of a frozen base). Full: every weight.
 
+    `full`: the model's state dict already gathered (FSDP: `accelerator.get_state_dict`), instead
+    of `model.state_dict()`, which would hold only this rank's shards.
     Tied weights (embeddings/head) are stored once: safetensors refuses shared storage.
     """
     if _is_peft(model):
         from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(model)
+        state = get_peft_model_state_dict(model, state_dict=full)
     else:
-        state = model.state_dict()
+        state = model.state_dict() if full is None else full
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
@@ -107,19 +109,55 @@ def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(state, str(path))
 
 
-def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
+def load_trainable_state(model: torch.nn.Module, path: Path, sharded: bool = False) -> None:
+    """`sharded`: `model` is FSDP-wrapped; each rank keeps its shard of the full weights in `path`."""
     state = load_file(str(path))
     if _is_peft(model):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, state)
         return
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        missing, unexpected = set_model_state_dict(
+            model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     real_missing = [k for k in missing if k not in tied]
     if real_missing or unexpected:
         raise InputError(f"{path}: checkpoint does not match the model: missing {real_missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+
+
+def _to_local(value: Any) -> Any:
+    return value.to_local() if hasattr(value, "to_local") else value
+
+
+def sharded_optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """This rank's optimizer state under FSDP: FSDP2's DTensor shards as plain local tensors
+    (no device mesh pickled); FSDP1's flat shards are plain already."""
+    state = optimizer.state_dict()
+    return {**state, "state": {i: {k: _to_local(v) for k, v in s.items()} for i, s in state["state"].items()}}
+
+
+def load_sharded_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
+    """Inverse of `sharded_optimizer_state`: local shards become DTensors laid out like their
+    params again (same world size, same sharding), then the optimizer loads them."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, s in state["state"].items():
+        p = params[i]
+        if not hasattr(p, "device_mesh"):
+            continue
+        from torch.distributed.tensor import DTensor
+
+        local = p.to_local()
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor) and v.shape == local.shape:
+                s[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                          shape=p.shape, stride=p.stride())
+    optimizer.load_state_dict(state)
 
 
 # --- RNG ------------------------------------------------------------------------------------
@@ -180,11 +218,13 @@ class CheckpointWriter:
         staging: Path,
         background: bool = True,
         marker_timeout_s: float = 600.0,
+        on_complete: Callable[[int], None] | None = None,
     ) -> None:
         self.uri, self.rank, self.world_size, self.keep_last = uri, rank, world_size, keep_last
         self.staging = staging / f"rank{rank}"
         self.background = background
         self.marker_timeout_s = marker_timeout_s
+        self.on_complete = on_complete  # rank 0, once COMPLETE is written: only then may anyone resume from it
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -229,6 +269,8 @@ class CheckpointWriter:
             self._await_ranks(dest)
             storage.write_bytes(storage.join(dest, COMPLETE), json.dumps({"step": step}).encode())
             log.info("checkpoint complete: %s", dest)
+            if self.on_complete is not None:
+                self.on_complete(step)
             self._prune()
         shutil.rmtree(local, ignore_errors=True)
 

@@ -58,18 +58,37 @@ def run(argv: Sequence[str] | None = None) -> int:
             return launch(plan, ["--config", args.config])
         from .train import Trainer  # torch is imported only when training
 
-        Trainer(cfg).run()
+        trainer = Trainer(cfg)  # if this raises, the error's traceback keeps it alive
+        _KEEP_ALIVE.append(trainer)
+        trainer.run()
         return 0
     except KubeDPOError as err:
+        _KEEP_ALIVE.append(err)  # its traceback holds the trainer's frames: see _KEEP_ALIVE
         log.error("%s (exit %d)", err, err.exit_code)
         return err.exit_code
-    except Exception:
+    except Exception as err:
+        _KEEP_ALIVE.append(err)
         log.exception("trainer crashed (exit %d)", EXIT_RETRIABLE)
         return EXIT_RETRIABLE
 
 
+# A rank that trained exits without tearing torch down. Freeing a DDP model joins gloo's
+# worker thread while holding the GIL (a deadlock seen in CI-like runs), and interpreter
+# teardown with a live process group can abort with "terminate called without an active
+# exception" (SIGABRT) after a clean run. Either turns exit 0/2/75 into a hang or a crash the
+# operator would retry. So the trainer and any error (whose traceback holds it) are kept
+# alive, everything is flushed, and main() ends with os._exit: the kernel closes the sockets.
+_KEEP_ALIVE: list[object] = []
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(run(argv))
+    code = run(argv)
+    if _KEEP_ALIVE:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

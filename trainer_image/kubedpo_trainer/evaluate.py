@@ -2,18 +2,23 @@
 
 Each rank evaluates its own share of the eval split through the *unwrapped* model (a DDP
 forward may broadcast buffers, a collective that would hang when ranks hold unequal shares),
-then one all-reduce of (sum, count) pairs makes the average exact over the whole split.
+then one all-reduce of (sum, count) pairs makes the average exact over the whole split. Under
+FSDP every forward all-gathers the weights, so ranks must run the same number of forwards: a
+rank with fewer eval batches repeats its last one, uncounted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from .config import TrainerConfig
 from .data.stream import PreferenceStream
+from .errors import InputError
 from .forward import concatenated_forward, dpo_metrics
 from .losses import LossInputs, compute_loss
 from .metrics import DPO_GAUGES
@@ -30,12 +35,18 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, reference: Any, 
                                        acc.num_processes, cfg.training.batch_size)
     sums: dict[str, float] = {}
     pairs = 0
-    for batch in stream.eval_batches(device=acc.device):
+    batches: Iterable[dict[str, Any]] = stream.eval_batches(device=acc.device)
+    real = None  # how many batches count; the rest only keep FSDP's collectives paired
+    if acc.distributed_type == DistributedType.FSDP:
+        batches, real = _equal_batch_counts(acc, list(batches), cfg.data.eval)
+    for i, batch in enumerate(batches):
         with acc.autocast():
             out_policy = concatenated_forward(policy, batch)
             ref = reference.logps(batch)
             out = compute_loss(cfg.training.loss, LossInputs.from_forward(out_policy, ref, batch), beta,
                                cfg.training)
+        if real is not None and i >= real:
+            continue
         n = len(batch["row_ids"])
         for k, v in dpo_metrics(out, out_policy).items():
             sums[k] = sums.get(k, 0.0) + v * n
@@ -49,3 +60,14 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, reference: Any, 
     if total == 0:
         return {}
     return {f"eval_{k}": float(v) / total for k, v in zip(keys, t[:-1].tolist(), strict=True)}
+
+
+def _equal_batch_counts(acc: Accelerator, batches: list[dict[str, Any]],
+                        source: str) -> tuple[list[dict[str, Any]], int]:
+    """This rank's eval batches padded with repeats of its last to the most any rank has, and
+    how many are real (FSDP's all-gathers must pair up across ranks)."""
+    counts = acc.gather(torch.tensor([len(batches)], device=acc.device)).tolist()
+    if min(counts) == 0:
+        raise InputError(f"data.eval: {source}: under FSDP every rank needs at least one eval row; "
+                         f"the ranks got {counts} batches (add eval rows or raise data.evalMaxRows)")
+    return batches + [batches[-1]] * (max(counts) - len(batches)), len(batches)

@@ -47,16 +47,16 @@ def _use_cache_for_inference(model: nn.Module) -> Iterator[None]:
             config.use_cache = old
 
 
-def save_full(model: nn.Module, out: Path) -> None:
+def save_full(model: nn.Module, out: Path, state_dict: dict[str, Any] | None = None) -> None:
     with _use_cache_for_inference(model):
-        model.save_pretrained(str(out), safe_serialization=True)
+        model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
 
 
-def save_adapter(model: nn.Module, out: Path, base_uri: str) -> None:
+def save_adapter(model: nn.Module, out: Path, base_uri: str, state_dict: dict[str, Any] | None = None) -> None:
     """adapter_model.safetensors + adapter_config.json naming the base by its URI, not a cache path."""
     for conf in model.peft_config.values():
         conf.base_model_name_or_path = base_uri
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
 
 
 def save_merged(model: nn.Module, out: Path) -> None:
@@ -85,11 +85,14 @@ def export_final(
     summary: dict[str, Any],
     unwrap: Callable[[nn.Module], nn.Module] | None = None,
     out_uri: str | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> str:
     """Write model (or adapter), tokenizer and summary to `out_uri` (default `output.uri`).
 
     `unwrap` strips an accelerate/DDP wrapper first (pass `accelerator.unwrap_model`); call on
-    one rank only. Returns the output URI.
+    one rank only. `state_dict`: the full weights gathered beforehand (FSDP:
+    `accelerator.get_state_dict`, a collective every rank runs); default `model.state_dict()`.
+    Returns the output URI.
     """
     if unwrap is not None:
         model = unwrap(model)
@@ -99,13 +102,13 @@ def export_final(
     with tempfile.TemporaryDirectory(prefix="kubedpo-export-") as tmp:
         staging = Path(tmp)
         if is_peft(model):
-            save_adapter(model, staging, cfg.model.uri)
+            save_adapter(model, staging, cfg.model.uri, state_dict)
             lora = cfg.model.lora
             if lora is not None and lora.merge_on_export:
                 save_merged(model, staging / "merged")
                 tokenizer.save_pretrained(str(staging / "merged"))
         else:
-            save_full(model, staging)
+            save_full(model, staging, state_dict)
         tokenizer.save_pretrained(str(staging))
         storage.upload_dir(staging, out_uri)
     storage.write_bytes(marker, json.dumps(summary, indent=2, default=str).encode())

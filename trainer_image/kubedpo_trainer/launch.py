@@ -62,11 +62,14 @@ def combine_exit_codes(codes: Sequence[int]) -> int:
     return EXIT_PREEMPTED
 
 
-def launch(plan: LaunchPlan, argv: Sequence[str], grace_s: float = 60.0) -> int:
+def launch(plan: LaunchPlan, argv: Sequence[str], grace_s: float = 60.0, settle_s: float = 3.0) -> int:
     """Run `python -m kubedpo_trainer.cli ARGV` once per local rank and wait for all of them.
 
     When one worker dies the others would block forever in a collective, so the rest are
-    terminated (SIGTERM, then SIGKILL after `grace_s`) and the pod fails as a whole.
+    terminated (SIGTERM, then SIGKILL after `grace_s`) and the pod fails as a whole. They get
+    `settle_s` to exit on their own first: when rank 0 fails on a bad input (exit 2), its peers
+    see the broken connection and crash (exit 1) at about the same moment; cut short by our
+    SIGTERM, rank 0 would lose its exit 2 and the operator would retry a hopeless run.
     """
     cmd = [sys.executable, "-m", "kubedpo_trainer.cli", *argv]
     procs = [
@@ -87,6 +90,7 @@ def launch(plan: LaunchPlan, argv: Sequence[str], grace_s: float = 60.0) -> int:
             if i not in codes and p.poll() is not None:
                 codes[i] = _exit_code(p.returncode)
                 if codes[i] not in (EXIT_OK, EXIT_PREEMPTED):
+                    _let_exit(procs, settle_s)  # the rank that failed first may not be the cause
                     _stop_all(procs, grace_s)
         time.sleep(0.2)
     return combine_exit_codes([codes[i] for i in range(len(procs))])
@@ -95,6 +99,12 @@ def launch(plan: LaunchPlan, argv: Sequence[str], grace_s: float = 60.0) -> int:
 def _exit_code(returncode: int) -> int:
     # A worker killed by a signal has a negative returncode; it is a crash, not a config error.
     return EXIT_RETRIABLE if returncode < 0 else returncode
+
+
+def _let_exit(procs: list[subprocess.Popen], settle_s: float) -> None:
+    deadline = time.monotonic() + settle_s
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
@@ -64,6 +64,8 @@ class Trainer:
             gradient_accumulation_steps=t.gradient_accumulation_steps,
         )
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.fsdp = self.acc.distributed_type == DistributedType.FSDP
+        _log_distributed_type(self.acc)
         set_seed(t.seed)
         if not sys.stderr.isatty():
             hf_logging.disable_progress_bar()  # pod logs get the JSON lines, not progress bars
@@ -80,6 +82,11 @@ class Trainer:
         self.models = load_models(cfg, self.acc)
         self.reference = (precompute(cfg, self.acc, self.models, self.tokenizer)
                           if t.reference_logps == "precompute" else Reference(self.models))
+        # FSDP1 flattens the parameters: the optimizer must see the wrapped model's. FSDP2 (and
+        # DDP) take model and optimizer together: accelerate swaps in the sharded DTensor params.
+        fsdp1 = self.fsdp and not self.acc.is_fsdp2
+        if fsdp1:
+            self.models.policy = self.acc.prepare(self.models.policy)
         params = [p for p in self.models.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
                                            fused=fused_adamw_ok(params))
@@ -95,12 +102,16 @@ class Trainer:
         )
         # The scheduler is stepped by us once per optimizer step: accelerate's wrapper would
         # step it once per process.
-        self.models.policy, self.optimizer = self.acc.prepare(self.models.policy, self.optimizer)
+        if fsdp1:
+            self.optimizer = self.acc.prepare(self.optimizer)
+        else:
+            self.models.policy, self.optimizer = self.acc.prepare(self.models.policy, self.optimizer)
         self.writer = None
         if cfg.checkpoint.uri:
             self.writer = ckpt.CheckpointWriter(
                 cfg.checkpoint.uri, self.rank, self.world, cfg.checkpoint.keep_last,
                 staging=self._scratch("kubedpo-ckpt-"),
+                on_complete=lambda step: self.metrics.set({"last_checkpoint_step": step}),
             )
         self._resume()
         self.log = StepLogger(self.rank, self.total_steps, self.metrics)
@@ -132,8 +143,17 @@ class Trainer:
                 "resume needs the same number of ranks"
             )
         model = self.acc.unwrap_model(self.models.policy)
-        ckpt.load_trainable_state(model, local / ckpt.weights_file(model))
-        self.optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
+        if self.fsdp:  # every rank reads the full weights and keeps its shard; its own optimizer shard
+            ckpt.load_trainable_state(self.models.policy, local / ckpt.weights_file(model), sharded=True)
+            opt_file = local / f"optimizer-rank{self.rank}.pt"
+            if not opt_file.exists():
+                raise InputError(f"{uri}: no {opt_file.name}: written without FSDP, resume it without FSDP")
+            ckpt.load_sharded_optimizer_state(self.optimizer, torch.load(opt_file, weights_only=False))
+        else:
+            if not (local / "optimizer.pt").exists():
+                raise InputError(f"{uri}: no optimizer.pt: written under FSDP, resume it under FSDP")
+            ckpt.load_trainable_state(model, local / ckpt.weights_file(model))
+            self.optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
         ckpt.set_rng_state(torch.load(local / f"rng-rank{self.rank}.pt", weights_only=False))
         self.train_stream.load_state_dict(json.loads((local / f"data-rank{self.rank}.json").read_text()))
@@ -146,10 +166,16 @@ class Trainer:
             f"rng-rank{self.rank}.pt": _torch_writer(ckpt.rng_state()),
             f"data-rank{self.rank}.json": _json_writer(self.train_stream.state_dict()),
         }
+        # FSDP: gathering the full weights is a collective (every rank, rank 0 gets them) and each
+        # rank writes its own optimizer shard.
+        full = self.acc.get_state_dict(self.models.policy) if self.fsdp else None
+        if self.fsdp:
+            files[f"optimizer-rank{self.rank}.pt"] = _torch_writer(ckpt.sharded_optimizer_state(self.optimizer))
         if self.rank == 0:
-            weights = ckpt.trainable_state(model)
+            weights = ckpt.trainable_state(model, full)
             files[ckpt.weights_file(model)] = lambda p: ckpt.save_trainable_state(weights, p)
-            files["optimizer.pt"] = _torch_writer(self.optimizer.state_dict())
+            if not self.fsdp:
+                files["optimizer.pt"] = _torch_writer(self.optimizer.state_dict())
             files["scheduler.pt"] = _torch_writer(self.scheduler.state_dict())
             files["trainer_state.json"] = _json_writer(
                 {"step": self.step, "world_size": self.world, "total_steps": self.total_steps}
@@ -161,7 +187,6 @@ class Trainer:
             return
         blocked = self.writer.save(self._snapshot(), wait=wait)
         self.metrics.observe("checkpoint_seconds", blocked)
-        self.metrics.set({"last_checkpoint_step": self.step})
         self.last_checkpoint_time = time.monotonic()
 
     def _check_grace(self) -> None:
@@ -212,8 +237,8 @@ class Trainer:
         max_norm = self.cfg.training.max_grad_norm
         if max_norm is None:
             params = [p for p in self.models.policy.parameters() if p.grad is not None]
-            return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        return float(self.acc.clip_grad_norm_(self.models.policy.parameters(), max_norm))
+            return float(torch.linalg.vector_norm(torch.stack([_full(p.grad.norm()) for p in params])))
+        return float(_full(self.acc.clip_grad_norm_(self.models.policy.parameters(), max_norm)))
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)
@@ -242,7 +267,6 @@ class Trainer:
         finally:
             for path in self._scratch_dirs:
                 shutil.rmtree(path, ignore_errors=True)
-            close_process_group()
 
     def _run(self) -> dict[str, Any]:
         self.setup()
@@ -317,11 +341,33 @@ class Trainer:
 
     def _export(self, summary: dict[str, Any]) -> None:
         self.acc.wait_for_everyone()
+        full = self.acc.get_state_dict(self.models.policy) if self.fsdp else None  # FSDP: a collective
         if self.rank == 0:
             model = self.acc.unwrap_model(self.models.policy)
-            export_final(model, self.tokenizer, self.cfg, summary)
+            export_final(model, self.tokenizer, self.cfg, summary, state_dict=full)
             log.info("model written to %s", self.cfg.output.uri)
         self.acc.wait_for_everyone()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A norm computed on FSDP2's sharded (DTensor) grads, reduced over the shards."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _log_distributed_type(acc: Accelerator) -> None:
+    """Say which parallelism accelerate chose; warn when FSDP was asked for and not granted.
+
+    accelerate (1.15) turns `ACCELERATE_USE_FSDP`/`accelerate launch --use_fsdp` into FSDP only on
+    GPU-type backends: on CPU (gloo) it silently runs DDP (MULTI_CPU) instead.
+    """
+    kind = acc.distributed_type
+    if kind == DistributedType.FSDP:
+        log.info("distributed: FSDP%d over %d processes", 2 if acc.is_fsdp2 else 1, acc.num_processes)
+    else:
+        log.info("distributed: %s over %d processes", kind.value, acc.num_processes)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            log.warning("FSDP was requested (ACCELERATE_USE_FSDP) but accelerate runs %s: it enables FSDP "
+                        "only on GPU-type devices; training continues with replicated weights", kind.value)
 
 
 def fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
@@ -331,22 +377,6 @@ def fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
     BENCHMARKS.md); TRL uses it by default too. It needs floating-point params on CPU or CUDA.
     """
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-
-
-def close_process_group() -> None:
-    """Tear the process group down before the interpreter exits.
-
-    Left to interpreter shutdown, gloo's C++ threads are destroyed while still joinable and a
-    rank can die with SIGABRT ("terminate called without an active exception") after a
-    successful run, which turns exit 0 (or 2/75) into a crash the operator would retry.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # a peer already gone must not change this rank's exit code
-            log.debug("destroy_process_group failed", exc_info=True)
 
 
 def peak_memory_bytes() -> int:

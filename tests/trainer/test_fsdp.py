@@ -1,0 +1,199 @@
+"""FSDP through accelerate's own config (ACCELERATE_USE_FSDP + FSDP_* env, what `accelerate launch
+--config_file fsdp.yaml` sets): 2 ranks, gloo, CPU, the real trainer on the tiny Llama.
+
+accelerate 1.15 grants FSDP only on GPU-type backends: on CPU it silently keeps MULTI_CPU (DDP)
+and ignores the FSDP config (torch's FSDP1 refuses CPU outright: "FSDP needs a non-CPU
+accelerator device"; FSDP2's `fully_shard` does run on CPU with gloo). So that FSDP is testable
+without a GPU, `_LAUNCHER` makes accelerate's state say FSDP where it would have said MULTI_CPU,
+exactly as its GPU branch does (`distributed_type = FSDP`, `fsdp_plugin = plugin`). Everything
+after that is accelerate's and torch's real FSDP2: `fully_shard` per decoder layer, DTensor
+params and optimizer state, reduce-scatter/all-gather over gloo, `get_state_dict` gathering to
+rank 0. The last test checks the unpatched behaviour: a warning, and a DDP run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from tests.support.runs import Run, free_port, run_trainer, tiny_config
+
+pytestmark = pytest.mark.slow
+
+STEPS, EVERY = 6, 3
+TOL = 1e-4  # loss per step, and every exported weight: reduction order differs (all-reduce vs reduce-scatter)
+
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",  # one fully_shard per LlamaDecoderLayer
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+}
+
+_LAUNCHER = '''\
+import sys
+
+from accelerate import state as _st
+from accelerate.utils import DistributedType
+
+_orig = _st.AcceleratorState.__init__
+
+
+def _init(self, *args, **kwargs):
+    _orig(self, *args, **kwargs)
+    plugin = kwargs.get("fsdp_plugin")
+    if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
+        self.distributed_type = DistributedType.FSDP
+        self.fsdp_plugin = plugin
+        _st.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+_st.AcceleratorState.__init__ = _init
+from kubedpo_trainer.cli import main  # noqa: E402
+
+main(sys.argv[1:])
+'''
+
+
+def _config(tiny: Any, out: Path, ckpt: Path | None = None) -> dict[str, Any]:
+    """2 ranks x 4 pairs, rows in file order, a checkpoint every 3 steps."""
+    cfg = tiny_config(tiny, out, data={"shuffleBuffer": 1}, training={"maxSteps": STEPS, "batchSize": 4})
+    if ckpt is not None:
+        cfg["checkpoint"] = {"uri": str(ckpt), "everySteps": EVERY, "keepLast": 5}
+    return cfg
+
+
+def run_fsdp(cfg: dict[str, Any], out: Path, launcher: Path, env: dict[str, str] | None = None) -> Run:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           str(launcher), "--config", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **FSDP_ENV, **(env or {})})
+    return Run(proc.returncode, proc.stderr, out)
+
+
+def _losses(run: Run) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in run.train_logs()}
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(str(folder)).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    """A DDP run, an FSDP run of the same job, and an FSDP run resumed from the latter's step 3."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    launcher = tmp / "fsdp_launcher.py"
+    launcher.write_text(_LAUNCHER)
+    out: dict[str, Run] = {}
+    out["ddp"] = run_trainer(_config(tiny, tmp / "ddp"), tmp / "ddp", nproc=2, torchrun=True)
+    out["fsdp"] = run_fsdp(_config(tiny, tmp / "fsdp", tmp / "fsdp" / "ckpt"), tmp / "fsdp", launcher)
+    for name in ("ddp", "fsdp"):
+        assert out[name].returncode == 0, out[name].stderr[-4000:]
+    # An interrupted run: only the step-3 checkpoint exists; the restart must continue from it.
+    resumed_ckpt = tmp / "resumed" / "ckpt"
+    shutil.copytree(tmp / "fsdp" / "ckpt" / "step-000003", resumed_ckpt / "step-000003")
+    # Also without clipping (norms here are < 1, so nothing changes): the unclipped grad-norm path.
+    cfg = _config(tiny, tmp / "resumed", resumed_ckpt)
+    cfg["training"]["maxGradNorm"] = None
+    out["resumed"] = run_fsdp(cfg, tmp / "resumed", launcher)
+    assert out["resumed"].returncode == 0, out["resumed"].stderr[-4000:]
+    return out
+
+
+def test_fsdp_run_is_sharded_and_trains_like_ddp(runs: dict[str, Run]) -> None:
+    ddp, fsdp = runs["ddp"], runs["fsdp"]
+    assert "distributed: FSDP2 over 2 processes" in fsdp.stderr
+    assert "distributed: MULTI_CPU over 2 processes" in ddp.stderr
+    l_ddp, l_fsdp = _losses(ddp), _losses(fsdp)
+    assert sorted(l_ddp) == sorted(l_fsdp) == list(range(1, STEPS + 1))
+    assert len(set(l_ddp.values())) == STEPS  # the weights moved: not a comparison of constants
+    for s in l_ddp:
+        assert l_fsdp[s] == pytest.approx(l_ddp[s], abs=TOL), s
+    g_ddp = [r["grad_norm"] for r in ddp.train_logs()]
+    g_fsdp = [r["grad_norm"] for r in fsdp.train_logs()]
+    assert g_fsdp == pytest.approx(g_ddp, abs=TOL)  # the norm is reduced over shards, not one rank's
+    assert fsdp.summary()["eval"]["eval_loss"] == pytest.approx(ddp.summary()["eval"]["eval_loss"], abs=TOL)
+
+    # Each rank checkpointed its own half of the optimizer state; the weights file is whole.
+    step = fsdp.out / "ckpt" / "step-000003"
+    full = _weights(ddp.out / "output")
+    emb = "model.embed_tokens.weight"
+    for r in range(2):
+        opt = torch.load(step / f"optimizer-rank{r}.pt", weights_only=False)
+        rows = [s["exp_avg"].shape[0] for s in opt["state"].values() if s["exp_avg"].dim() == 2]
+        assert max(rows) <= (full[emb].shape[0] + 1) // 2
+    assert not (step / "optimizer.pt").exists()
+    from safetensors.torch import load_file
+
+    assert load_file(str(step / "model.safetensors"))[emb].shape == full[emb].shape
+
+
+def test_fsdp_export_is_a_full_model_equal_to_ddp(tiny, runs: dict[str, Run]) -> None:
+    import json
+
+    out = runs["fsdp"].out / "output"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    fsdp, ddp, init = _weights(out), _weights(runs["ddp"].out / "output"), _weights(tiny.model_dir)
+    assert fsdp.keys() == ddp.keys() == init.keys()
+    for k in fsdp:
+        assert fsdp[k].shape == init[k].shape, k
+        assert (fsdp[k] - ddp[k]).abs().max().item() <= TOL, k
+    assert max((fsdp[k] - init[k]).abs().max().item() for k in fsdp) > 10 * TOL  # it trained (Adam: ~lr a step)
+
+
+def test_fsdp_resume_continues_exactly(runs: dict[str, Run]) -> None:
+    resumed, base = runs["resumed"], runs["fsdp"]
+    assert "resumed from" in resumed.stderr and "(step 3)" in resumed.stderr
+    l_res, l_base = _losses(resumed), _losses(base)
+    assert sorted(l_res) == list(range(EVERY + 1, STEPS + 1))
+    for s in l_res:
+        assert l_res[s] == pytest.approx(l_base[s], abs=1e-5), s
+    g_res = {r["step"]: r["grad_norm"] for r in resumed.train_logs()}
+    g_base = {r["step"]: r["grad_norm"] for r in base.train_logs()}
+    assert max(g_base.values()) < 1.0  # maxGradNorm 1.0 clipped nothing in the base run
+    for s in g_res:
+        assert g_res[s] == pytest.approx(g_base[s], abs=TOL), s
+    final_a, final_b = _weights(resumed.out / "output"), _weights(base.out / "output")
+    assert all((final_a[k] - final_b[k]).abs().max().item() <= 1e-5 for k in final_a)
+
+
+def test_fsdp_env_without_gpu_warns_and_runs_ddp(tiny, tmp_path: Path) -> None:
+    """Unpatched accelerate on CPU: the FSDP request is not granted; the trainer says so."""
+    cfg = tiny_config(tiny, tmp_path, data={"shuffleBuffer": 1}, training={"maxSteps": 2, "batchSize": 4})
+    cfg["data"].pop("eval")
+    run = run_trainer(cfg, tmp_path, nproc=2, torchrun=True, env=FSDP_ENV)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "FSDP was requested (ACCELERATE_USE_FSDP) but accelerate runs MULTI_CPU" in run.stderr
+
+
+def test_fsdp_eval_with_unequal_rank_shares_matches_ddp(tiny, tmp_path: Path) -> None:
+    """9 eval rows over 2 ranks of batch 4: 2 batches on one rank, 1 on the other. Under FSDP every
+    forward is a collective, so the short rank repeats a batch, uncounted (this hung before)."""
+    launcher = tmp_path / "fsdp_launcher.py"
+    launcher.write_text(_LAUNCHER)
+    runs = {}
+    for name in ("ddp", "fsdp"):
+        cfg = tiny_config(tiny, tmp_path / name, data={"shuffleBuffer": 1, "evalMaxRows": 9},
+                          training={"maxSteps": 2, "batchSize": 4, "evalOnStart": True})
+        runs[name] = (run_trainer(cfg, tmp_path / name, nproc=2, torchrun=True) if name == "ddp"
+                      else run_fsdp(cfg, tmp_path / name, launcher))
+        assert runs[name].returncode == 0, runs[name].stderr[-4000:]
+    ddp, fsdp = (runs[n].summary() for n in ("ddp", "fsdp"))
+    for phase in ("eval_at_start", "eval"):
+        assert fsdp[phase]["eval_loss"] == pytest.approx(ddp[phase]["eval_loss"], abs=TOL)
+        assert fsdp[phase]["eval_rewards_margins"] == pytest.approx(ddp[phase]["eval_rewards_margins"], abs=TOL)
