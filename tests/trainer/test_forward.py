@@ -136,3 +136,22 @@ def test_wrapped_models_are_seen_through(model: LlamaForCausalLM) -> None:
         got = concatenated_forward(Wrapper(peft_model), batch)
         ref = _full(peft_model, batch)
     torch.testing.assert_close(torch.cat([got.chosen_logps, got.rejected_logps]), ref.logps)
+
+
+def test_logits_metric_is_the_global_token_mean_like_trl() -> None:
+    """Two ranks' totals: rank 0 has 2 response tokens with mean logit 1.0, rank 1 has 6 with 3.0.
+    TRL logs (2*1 + 6*3) / 8 = 2.5; a mean of per-rank means would say 2.0."""
+    from kubedpo_trainer.forward import ForwardOutput, logit_totals, logits_from_totals
+
+    def rank(chosen_sum: float, chosen_tokens: int) -> torch.Tensor:
+        out = ForwardOutput(torch.zeros(1), torch.zeros(1), torch.tensor([chosen_tokens]), torch.tensor([4]),
+                            torch.tensor([chosen_sum]), torch.tensor([-4.0]))
+        return logit_totals(out)
+
+    summed = rank(2.0, 2) + rank(18.0, 6)  # what the all-reduce adds up
+    got = logits_from_totals(summed)
+    assert got["logits_chosen"] == pytest.approx(2.5) and got["logits_rejected"] == pytest.approx(-1.0)
+    # two micro-batches (gradient accumulation): the global mean of each, averaged, as TRL logs them
+    two = logits_from_totals(torch.stack([summed, rank(0.0, 1) + rank(0.0, 1)]))
+    assert two["logits_chosen"] == pytest.approx(1.25)
+    assert logits_from_totals(torch.zeros(4)) == {"logits_chosen": 0.0, "logits_rejected": 0.0}

@@ -55,6 +55,11 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tiny, tmp_path: Path) -
     assert l1[-1] < l1[0]  # it trained, so the comparison is not between constants
     for a, b in zip(l1, l2, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+    # logits/* are TRL's global token means, not a mean of the two ranks' means (which differ
+    # whenever the ranks hold different numbers of response tokens).
+    for key in ("logits_chosen", "logits_rejected"):
+        assert [r[key] for r in two.train_logs()] == pytest.approx([r[key] for r in one.train_logs()], abs=1e-4)
+        assert two.summary()["eval"][f"eval_{key}"] == pytest.approx(one.summary()["eval"][f"eval_{key}"], abs=1e-4)
 
 
 def test_malformed_row_fails_with_file_and_line(tiny, tmp_path: Path) -> None:

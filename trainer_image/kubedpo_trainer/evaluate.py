@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType
 from .config import TrainerConfig
 from .data.stream import PreferenceStream
 from .errors import InputError
-from .forward import concatenated_forward, dpo_metrics
+from .forward import concatenated_forward, dpo_metrics, logit_totals, logits_from_totals
 from .losses import LossInputs, compute_loss
 from .metrics import DPO_GAUGES
 
@@ -34,6 +34,7 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, reference: Any, 
     stream = PreferenceStream.for_eval(cfg.data, cfg.data.eval, tokenizer, acc.process_index,
                                        acc.num_processes, cfg.training.batch_size)
     sums: dict[str, float] = {}
+    logits = torch.zeros(4, dtype=torch.float64)  # token-weighted over the whole split, as TRL's logits/*
     pairs = 0
     batches: Iterable[dict[str, Any]] = stream.eval_batches(device=acc.device)
     real = None  # how many batches count; the rest only keep FSDP's collectives paired
@@ -50,16 +51,20 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, reference: Any, 
         n = len(batch["row_ids"])
         for k, v in dpo_metrics(out, out_policy).items():
             sums[k] = sums.get(k, 0.0) + v * n
+        logits += logit_totals(out_policy).cpu()
         pairs += n
     if was_training:
         policy.train()
     keys = list(DPO_GAUGES)  # fixed order and length on every rank, even one with no eval pairs
-    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [float(pairs)], dtype=torch.float64, device=acc.device)
+    t = torch.tensor([sums.get(k, 0.0) for k in keys] + logits.tolist() + [float(pairs)], dtype=torch.float64,
+                     device=acc.device)
     t = acc.reduce(t, reduction="sum")
     total = float(t[-1])
     if total == 0:
         return {}
-    return {f"eval_{k}": float(v) / total for k, v in zip(keys, t[:-1].tolist(), strict=True)}
+    values = {f"eval_{k}": float(v) / total for k, v in zip(keys, t[:len(keys)].tolist(), strict=True)}
+    values.update({f"eval_{k}": v for k, v in logits_from_totals(t[len(keys):-1]).items()})
+    return values
 
 
 def _equal_batch_counts(acc: Accelerator, batches: list[dict[str, Any]],

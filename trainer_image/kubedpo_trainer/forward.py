@@ -112,6 +112,25 @@ def dpo_metrics(loss_out: Any, policy: ForwardOutput, prefix: str = "") -> dict[
     return {prefix + k: float(v) for k, v in values.items()}
 
 
+def logit_totals(policy: ForwardOutput) -> torch.Tensor:
+    """[chosen logit sum, chosen tokens, rejected logit sum, rejected tokens] of one batch, float64.
+
+    Summed over ranks these give TRL's logits/* exactly: a global token mean, which a mean of
+    per-rank means is not when ranks hold different numbers of response tokens.
+    """
+    return torch.stack([policy.chosen_logits_sum.detach().sum(), policy.chosen_len.sum(),
+                        policy.rejected_logits_sum.detach().sum(), policy.rejected_len.sum()]).double()
+
+
+def logits_from_totals(totals: torch.Tensor) -> dict[str, float]:
+    """logits_chosen/rejected from (micro-batches, 4) totals already summed over ranks: the global
+    token mean per micro-batch, averaged over micro-batches (as TRL averages its logged values)."""
+    t = totals.reshape(-1, 4)
+    chosen = torch.where(t[:, 1] > 0, t[:, 0] / t[:, 1].clamp(min=1), torch.zeros_like(t[:, 0]))
+    rejected = torch.where(t[:, 3] > 0, t[:, 2] / t[:, 3].clamp(min=1), torch.zeros_like(t[:, 2]))
+    return {"logits_chosen": float(chosen.mean()), "logits_rejected": float(rejected.mean())}
+
+
 def _token_mean(logits_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     tokens = counts.sum()
     return logits_sum.detach().sum() / tokens if tokens > 0 else torch.zeros(())

@@ -33,7 +33,7 @@ from .data.stream import PreferenceStream
 from .errors import InputError, Preempted
 from .evaluate import evaluate
 from .export import export_final
-from .forward import concatenated_forward, dpo_metrics
+from .forward import concatenated_forward, dpo_metrics, logit_totals, logits_from_totals
 from .losses import LossInputs, beta_at, compute_loss
 from .metrics import TrainerMetrics
 from .models import load_models, load_tokenizer
@@ -213,6 +213,7 @@ class Trainer:
         t = self.cfg.training
         beta = beta_at(self.step, self.total_steps, t)
         sums: dict[str, float] = {}
+        logits: list[torch.Tensor] = []
         for batch in batches:
             with self.acc.accumulate(self.models.policy):
                 policy = concatenated_forward(self.models.policy, batch)
@@ -225,11 +226,13 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             for k, v in dpo_metrics(out, policy).items():
                 sums[k] = sums.get(k, 0.0) + v / len(batches)
+            logits.append(logit_totals(policy))
             self.metrics.inc("samples", len(batch["row_ids"]))
             self.metrics.inc("tokens", batch["num_tokens"])
             self.tokens_total += batch["num_tokens"]
         self.scheduler.step()
         values = self._mean_over_ranks(sums)
+        values.update(logits_from_totals(self.acc.reduce(torch.stack(logits), reduction="sum")))
         values.update(grad_norm=grad_norm, learning_rate=self.scheduler.get_last_lr()[0], beta=beta)
         return values
 
