@@ -22,7 +22,6 @@ import asyncio
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,13 +31,9 @@ from typing import IO, Any
 
 from kubedpo_operator.settings import OperatorSettings
 
+from .runs import free_port
+
 SIGNAL_EXIT_BASE = 128  # a container killed by signal N reports exit code 128 + N
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -156,7 +151,7 @@ class StandInKubelet:
 
     def _rewrite_args(self, args: list[str], config_dir: Path) -> list[str]:
         out = [a.replace(self.settings.config_mount_path, str(config_dir)) for a in args]
-        port = str(_free_port())
+        port = str(free_port())
         for flag, value in (("--master-addr", "127.0.0.1"), ("--master-port", port)):
             if flag in out:
                 out[out.index(flag) + 1] = value

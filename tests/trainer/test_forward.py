@@ -155,3 +155,8 @@ def test_logits_metric_is_the_global_token_mean_like_trl() -> None:
     two = logits_from_totals(torch.stack([summed, rank(0.0, 1) + rank(0.0, 1)]))
     assert two["logits_chosen"] == pytest.approx(1.25)
     assert logits_from_totals(torch.zeros(4)) == {"logits_chosen": 0.0, "logits_rejected": 0.0}
+    # averaged over ranks instead of summed (what the trainer's one all-reduce does): same ratios,
+    # even where a mean token count falls below 1
+    assert logits_from_totals(summed / 2) == pytest.approx(got)
+    tiny_share = logits_from_totals((rank(3.0, 1) + rank(0.0, 0)) / 2)
+    assert tiny_share["logits_chosen"] == pytest.approx(3.0)

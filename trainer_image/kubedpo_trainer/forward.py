@@ -106,8 +106,7 @@ def dpo_metrics(loss_out: Any, policy: ForwardOutput, prefix: str = "") -> dict[
         "rewards_margins": (c - r).mean(),
         "logps_chosen": policy.chosen_logps.detach().mean(),
         "logps_rejected": policy.rejected_logps.detach().mean(),
-        "logits_chosen": _token_mean(policy.chosen_logits_sum, policy.chosen_len),
-        "logits_rejected": _token_mean(policy.rejected_logits_sum, policy.rejected_len),
+        **logits_from_totals(logit_totals(policy)),
     }
     return {prefix + k: float(v) for k, v in values.items()}
 
@@ -123,14 +122,14 @@ def logit_totals(policy: ForwardOutput) -> torch.Tensor:
 
 
 def logits_from_totals(totals: torch.Tensor) -> dict[str, float]:
-    """logits_chosen/rejected from (micro-batches, 4) totals already summed over ranks: the global
-    token mean per micro-batch, averaged over micro-batches (as TRL averages its logged values)."""
+    """logits_chosen/rejected from (micro-batches, 4) totals summed (or averaged) over ranks: the
+    global token mean per micro-batch, averaged over micro-batches (as TRL averages its logged values)."""
     t = totals.reshape(-1, 4)
-    chosen = torch.where(t[:, 1] > 0, t[:, 0] / t[:, 1].clamp(min=1), torch.zeros_like(t[:, 0]))
-    rejected = torch.where(t[:, 3] > 0, t[:, 2] / t[:, 3].clamp(min=1), torch.zeros_like(t[:, 2]))
-    return {"logits_chosen": float(chosen.mean()), "logits_rejected": float(rejected.mean())}
 
+    def ratio(sums: torch.Tensor, tokens: torch.Tensor) -> float:
+        # Totals may be averaged over ranks (fractional token counts): only guard against zero.
+        has = tokens > 0
+        return float(torch.where(has, sums / torch.where(has, tokens, torch.ones_like(tokens)), 0.0).mean())
 
-def _token_mean(logits_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    tokens = counts.sum()
-    return logits_sum.detach().sum() / tokens if tokens > 0 else torch.zeros(())
+    return {"logits_chosen": ratio(t[:, 0], t[:, 1]), "logits_rejected": ratio(t[:, 2], t[:, 3])}
+

@@ -231,8 +231,7 @@ class Trainer:
             self.metrics.inc("tokens", batch["num_tokens"])
             self.tokens_total += batch["num_tokens"]
         self.scheduler.step()
-        values = self._mean_over_ranks(sums)
-        values.update(logits_from_totals(self.acc.reduce(torch.stack(logits), reduction="sum")))
+        values = self._mean_over_ranks(sums, torch.stack(logits))
         values.update(grad_norm=grad_norm, learning_rate=self.scheduler.get_last_lr()[0], beta=beta)
         return values
 
@@ -243,11 +242,17 @@ class Trainer:
             return float(torch.linalg.vector_norm(torch.stack([_full(p.grad.norm()) for p in params])))
         return float(_full(self.acc.clip_grad_norm_(self.models.policy.parameters(), max_norm)))
 
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+    def _mean_over_ranks(self, values: dict[str, float], logit_totals: torch.Tensor) -> dict[str, float]:
+        """Per-pair metrics averaged over ranks, and logits/* from the micro-batches' token totals,
+        in one all-reduce. Averaging the totals scales numerator and denominator alike, so their
+        ratio is the global token mean TRL logs."""
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.acc.device)
+        t = torch.cat([torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.acc.device),
+                       logit_totals.to(self.acc.device, torch.float64).flatten()])
         t = self.acc.reduce(t, reduction="mean")
-        return dict(zip(keys, t.tolist(), strict=True))
+        out = dict(zip(keys, t[:len(keys)].tolist(), strict=True))
+        out.update(logits_from_totals(t[len(keys):]))
+        return out
 
     def evaluate(self) -> dict[str, float]:
         if not self.cfg.data.eval:
