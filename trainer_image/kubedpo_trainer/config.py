@@ -29,12 +29,17 @@ from .errors import ConfigError
 
 
 class Schema(BaseModel):
-    """Base of every spec model: camelCase aliases, unknown fields are errors."""
+    """Base of every spec model: camelCase aliases, unknown fields are errors, numbers finite.
+
+    allow_inf_nan=False: Kubernetes' JSON has no Infinity/NaN (the API server refuses them), and an
+    infinite duration or rate is always a mistake, whether written `.inf` in YAML or "inf".
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
+        allow_inf_nan=False,
         use_enum_values=True,
         validate_default=True,
     )
@@ -199,7 +204,7 @@ class CheckpointConfig(Schema):
     every_minutes: float | None = Field(None, gt=0, description="Checkpoint at least this often.")
     keep_last: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
     preemption_grace_seconds: float = Field(
-        25.0, gt=0, description="Budget after SIGTERM to finish the step and write a checkpoint."
+        25.0, gt=0, le=3600, description="Budget after SIGTERM to finish the step and write a checkpoint."
     )
 
 
