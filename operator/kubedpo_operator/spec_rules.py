@@ -74,6 +74,14 @@ def _gpu(spec: Any) -> list[Problem]:
     return out
 
 
+def _effective_resources(spec: Any) -> Any:
+    """What the container gets: the builder adds the nvidia.com/gpu limit from gpusPerWorker."""
+    res = spec.resources or {}
+    if not spec.gpus_per_worker or not isinstance(res, dict) or not isinstance(res.get("limits") or {}, dict):
+        return res
+    return {**res, "limits": {**(res.get("limits") or {}), "nvidia.com/gpu": str(spec.gpus_per_worker)}}
+
+
 def pod_problems(pod: Any) -> list[Problem]:
     if pod is None:
         return []
@@ -118,7 +126,7 @@ def spec_problems(spec: Any) -> list[Problem]:
         return out
     out += rules.env(spec.env or [], "spec.env") + env_names(spec.env or [], "spec.env")
     out += rules.env_from(spec.env_from or [], "spec.envFrom")
-    out += rules.resources(spec.resources or {}, "spec.resources") + _gpu(spec)
+    out += _gpu(spec) + rules.resources(_effective_resources(spec), "spec.resources")
     out += rules.tolerations(spec.tolerations or [], "spec.tolerations")
     out += rules.node_selector(spec.node_selector or {}, "spec.nodeSelector")
     for field, value in (("spec.serviceAccountName", spec.service_account_name),
