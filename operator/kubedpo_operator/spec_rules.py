@@ -20,8 +20,10 @@ Problem = tuple[str, str]
 
 RESERVED_ENV = ("JOB_COMPLETION_INDEX", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 RESERVED_ENV_PREFIX = "KUBEDPO_"
-RESERVED_LABEL_PREFIXES = ("kubedpo.io/", "app.kubernetes.io/", "batch.kubernetes.io/", "kueue.x-k8s.io/")
-RESERVED_LABELS = ("job-name", "controller-uid")
+RESERVED_LABEL_PREFIXES = ("kubedpo.io/", "app.kubernetes.io/", "batch.kubernetes.io/")
+# Kueue's queue label is set from runPolicy.queueName; its other keys (topology, priority) are the user's.
+RESERVED_LABELS = ("job-name", "controller-uid", "kueue.x-k8s.io/queue-name")
+RESERVED_ANNOTATION_PREFIXES = ("kubedpo.io/", "batch.kubernetes.io/")
 # The operator's own volumes and where they are mounted (children.py); user volumes may not shadow them.
 RESERVED_VOLUMES = ("config", "dshm", "tmp")
 RESERVED_PATHS = ("/etc/kubedpo", "/dev/shm", "/tmp")
@@ -93,10 +95,12 @@ def pod_problems(pod: Any) -> list[Problem]:
         return out
     out += rules.labels(pod.labels or {}, f"{w}.labels")
     out += rules.annotations(pod.annotations or {}, f"{w}.annotations")
-    for key in list(pod.labels or {}) + list(pod.annotations or {}):
+    for key in pod.labels or {}:
         if key.startswith(RESERVED_LABEL_PREFIXES) or key in RESERVED_LABELS:
-            kind = "labels" if key in (pod.labels or {}) else "annotations"
-            out.append((f"{w}.{kind}[{key}]", "is reserved for the operator, the Job controller or Kueue"))
+            out.append((f"{w}.labels[{key}]", "is reserved for the operator, the Job controller or Kueue"))
+    for key in pod.annotations or {}:
+        if key.startswith(RESERVED_ANNOTATION_PREFIXES):
+            out.append((f"{w}.annotations[{key}]", "is reserved for the operator and the Job controller"))
     volumes = pod.volumes or []
     out += rules.volumes(volumes, f"{w}.volumes")
     for i, v in enumerate(volumes):
