@@ -206,6 +206,14 @@ class TrainingConfig(Schema):
         description="live: reference forward every step; precompute: one pass before training "
         "(reference model then freed).",
     )
+    reference_cache_uri: str | None = Field(
+        None,
+        description="With referenceLogps precompute: where precomputed reference log-probs are kept "
+        "(s3:// or local), keyed by reference model, tokenizer, data shard versions and truncation, "
+        "written as they are computed, so a restarted attempt, a later epoch or the next iterative "
+        "round with the same reference reuses them. Default: <checkpoint.uri>/reference-cache/ "
+        "(none without checkpoint.uri: the table then lives in memory for one attempt).",
+    )
     packing: PackingConfig | None = Field(
         None,
         description="Padding-free packing: pairs packed into rows with a block-sparse attention "

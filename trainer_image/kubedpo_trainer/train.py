@@ -39,7 +39,8 @@ from .metrics import TrainerMetrics
 from .models import load_models, load_tokenizer
 from .packed_step import train_step_packed
 from .progress import StepLogger
-from .reference import Reference, precompute
+from .reference import Reference
+from .reference_cache import precompute
 from .signals import StopRequest
 
 log = logging.getLogger(__name__)
