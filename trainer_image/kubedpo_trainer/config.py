@@ -144,6 +144,24 @@ class BetaSchedule(Schema):
     final: float = Field(..., gt=0, description="Beta at the last step; training.beta is the start value.")
 
 
+class PackingConfig(Schema):
+    max_tokens: int = Field(
+        4096, ge=16,
+        description="Token budget of one micro-batch: an optimizer step's pairs (batchSize x "
+        "gradientAccumulationSteps per rank) are split into as many micro-batches as this needs.",
+    )
+    share_prompt: bool = Field(
+        True,
+        description="Put each prompt in once and let chosen and rejected both attend to it "
+        "(prefix sharing): the prompt's compute is paid once per pair. Same results.",
+    )
+    row_tokens: int | None = Field(
+        None, ge=16,
+        description="Length of one packed row (sequences never straddle rows). Default: "
+        "data.maxLength. Attention without a varlen kernel costs row length squared per row.",
+    )
+
+
 class TrainingConfig(Schema):
     loss: LossType = Field(
         LossType.sigmoid,
@@ -192,6 +210,20 @@ class TrainingConfig(Schema):
         "live",
         description="live: reference forward every step; precompute: one pass before training "
         "(reference model then freed).",
+    )
+    reference_cache_uri: str | None = Field(
+        None,
+        description="With referenceLogps precompute: where precomputed reference log-probs are kept "
+        "(s3:// or local), keyed by reference model, tokenizer, data shard versions and truncation, "
+        "written as they are computed, so a restarted attempt, a later epoch or the next iterative "
+        "round with the same reference reuses them. Default: <checkpoint.uri>/reference-cache/ "
+        "(none without checkpoint.uri: the table then lives in memory for one attempt).",
+    )
+    packing: PackingConfig | None = Field(
+        None,
+        description="Padding-free packing: pairs packed into rows with a block-sparse attention "
+        "mask under a token budget per micro-batch (same loss and gradients as padded batches). "
+        "Unset: padded batches of batchSize pairs.",
     )
     logging_steps: int = Field(10, ge=1, description="Log and export metrics every N steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and at the end).")

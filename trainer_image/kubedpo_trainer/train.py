@@ -37,8 +37,10 @@ from .forward import concatenated_forward, dpo_metrics, logit_totals, logits_fro
 from .losses import LossInputs, beta_at, compute_loss
 from .metrics import TrainerMetrics
 from .models import load_models, load_tokenizer
+from .packed_step import train_step_packed
 from .progress import StepLogger
-from .reference import Reference, precompute
+from .reference import Reference
+from .reference_cache import precompute
 from .signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,8 @@ class Trainer:
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over `gradientAccumulationSteps` micro-batches."""
         t = self.cfg.training
+        if t.packing is not None:
+            return train_step_packed(self, batches)
         beta = beta_at(self.step, self.total_steps, t)
         sums: dict[str, float] = {}
         logits: list[torch.Tensor] = []
