@@ -131,12 +131,14 @@ def pod_failure_policy() -> dict:
 
     The rule order is a contract with status.py, which reads the matched rule's index from
     the Job's failure message: config error → Failed, preempted → free gang restart.
+    Kubernetes 1.28's schema requires `onPodConditions[].status` and an `onPodConditions` list
+    on every rule (empty counts as unset, so the exit-code rules keep their meaning).
     """
     rules: list[dict[str, Any]] = [None, None, None]  # type: ignore[list-item]
-    rules[RULE_DISRUPTION] = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
-    rules[RULE_CONFIG] = {"action": "FailJob", "onExitCodes": {
+    rules[RULE_DISRUPTION] = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    rules[RULE_CONFIG] = {"action": "FailJob", "onPodConditions": [], "onExitCodes": {
         "containerName": CONTAINER, "operator": "In", "values": [EXIT_CONFIG]}}
-    rules[RULE_PREEMPTED] = {"action": "FailJob", "onExitCodes": {
+    rules[RULE_PREEMPTED] = {"action": "FailJob", "onPodConditions": [], "onExitCodes": {
         "containerName": CONTAINER, "operator": "In", "values": [EXIT_PREEMPTED]}}
     return {"rules": rules}
 

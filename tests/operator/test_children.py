@@ -1,5 +1,5 @@
-"""The pure child builders: whole objects valid against Kubernetes 1.37's schemas, and the
-fields the gang, restarts, Kueue and the trainer's exit-code contract depend on."""
+"""The pure child builders: whole objects valid against the oldest Kubernetes the chart claims
+(1.28, chart kubeVersion) and the newest schemas kubernetes-validate knows, and the fields the gang, restarts, Kueue and the trainer's exit-code contract depend on."""
 
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED
 from tests.operator.conftest import minimal_spec
 
 K8S = kubernetes_validate.latest_version()
+OLDEST_K8S = "1.28.0"  # charts/kubedpo/Chart.yaml kubeVersion
 
 
 def _spec(**extra):
     return parse_spec(minimal_spec(**extra))
 
 
+@pytest.mark.parametrize("k8s", [OLDEST_K8S, K8S])
 @pytest.mark.parametrize("extra", [
     {},
     {"workers": 4, "gpusPerWorker": 8, "runPolicy": {"queueName": "q", "activeDeadlineSeconds": 60},
@@ -36,9 +38,9 @@ def _spec(**extra):
      "resources": {"requests": {"cpu": 4, "memory": "8Gi"}}, "priorityClassName": "high",
      "env": [{"name": "AWS_REGION", "value": "x"}], "envFrom": [{"secretRef": {"name": "s3"}}]},
 ])
-def test_children_are_valid_kubernetes_objects(extra):
+def test_children_are_valid_kubernetes_objects(extra, k8s):
     for obj in build_children("j", "ns", "uid-1", _spec(**extra), 0, OperatorSettings(), 30):
-        kubernetes_validate.validate(obj, K8S, strict=True)
+        kubernetes_validate.validate(obj, k8s, strict=True)
 
 
 def test_gang_job_shape():
@@ -63,7 +65,8 @@ def test_gang_job_shape():
 
 def test_pod_failure_policy_matches_the_trainer_exit_codes():
     rules = build_job("j", "ns", "u", _spec(), 0, OperatorSettings())["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    # status explicit: required up to Kubernetes 1.28 (defaulted to "True" only from 1.29)
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[RULE_CONFIG]["action"] == "FailJob"
     assert rules[RULE_CONFIG]["onExitCodes"]["values"] == [EXIT_CONFIG]
     assert rules[RULE_PREEMPTED]["onExitCodes"]["values"] == [EXIT_PREEMPTED]
