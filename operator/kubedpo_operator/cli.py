@@ -88,7 +88,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .local import run
 
-    return run(args.manifest)
+    return run(args.manifest, log_format=args.log_format)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(fn=cmd_operator)
     r = sub.add_parser("run", help="Run a DPOJob's workers as local processes (no cluster needed).")
     r.add_argument("manifest")
+    r.add_argument("--log-format", choices=("auto", "json", "rich"), default=None,
+                   help="rich: a live progress display; json: the pods' JSON lines; auto (default): rich on a terminal.")
     r.set_defaults(fn=cmd_run)
     return p
 

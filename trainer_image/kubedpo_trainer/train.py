@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 from . import checkpoint as ckpt
 from . import storage
 from .config import TrainerConfig
+from .console import resolve_log_format
 from .data.stream import PreferenceStream
 from .errors import InputError, Preempted
 from .evaluate import evaluate
@@ -69,8 +70,8 @@ class Trainer:
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         _log_distributed_type(self.acc)
         set_seed(t.seed)
-        if not sys.stderr.isatty():
-            hf_logging.disable_progress_bar()  # pod logs get the JSON lines, not progress bars
+        if not sys.stderr.isatty() or resolve_log_format() == "rich":
+            hf_logging.disable_progress_bar()  # pods get JSON lines; a terminal gets our one display
         storage.configure(cfg.s3)
         self.metrics = TrainerMetrics(
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
@@ -320,6 +321,7 @@ class Trainer:
                    "storage": {"s3_retries": self._sum_over_ranks(float(storage.retry_count()))},
                    "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire(),
                    "timing": {"step_seconds": self.step_times, "peak_memory_bytes": peak_memory_bytes()}}
+        self.log.finish(summary, self.cfg.output.uri)  # the curves PNG, before the output's marker
         self._export(summary)
         self.log.close()
         return summary
