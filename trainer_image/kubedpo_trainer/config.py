@@ -162,6 +162,39 @@ class PackingConfig(Schema):
     )
 
 
+class DistributedConfig(Schema):
+    """How ranks share the model. Activation checkpointing is training.gradientCheckpointing (both)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every rank holds the whole model, gradients are all-reduced (fits while weights, "
+        "grads and AdamW state fit one GPU: about 16 bytes a parameter). fsdp: FSDP2 shards parameters, "
+        "gradients and optimizer state (and the reference model) over all ranks. An accelerate config "
+        "(accelerate launch --config_file, ACCELERATE_USE_FSDP) still turns FSDP on for power users.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="fsdp: free the gathered layer weights after forward and gather again for backward "
+        "(less memory, one more all-gather per layer). false keeps them until backward (ZeRO-2-like).",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="fsdp: keep parameter shards, gradients and optimizer state in host memory and step "
+        "AdamW on the CPU (FSDP2's CPUOffloadPolicy); slower, frees most GPU memory.",
+    )
+    memory_efficient_loading: bool = Field(
+        True,
+        description="fsdp: only local rank 0 of each node reads the weights; the others start on the meta "
+        "device and receive their shards by broadcast from rank 0 (at most one full copy per node).",
+    )
+
+    @model_validator(mode="after")
+    def _fsdp_only(self) -> DistributedConfig:
+        if self.strategy != "fsdp" and self.cpu_offload:
+            raise ValueError("cpuOffload: needs strategy fsdp")
+        return self
+
+
 class TrainingConfig(Schema):
     loss: LossType = Field(
         LossType.sigmoid,
@@ -205,7 +238,15 @@ class TrainingConfig(Schema):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     seed: int = Field(42, description="Seed of model init of new parameters, dropout and sampling.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Activation checkpointing: recompute each decoder layer's activations in backward "
+        "instead of keeping them (about a third more compute, activations cut to one layer's). Under "
+        "distributed.strategy fsdp it is applied per layer by FSDP2.",
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Data parallelism across ranks: DDP or FSDP2."
+    )
     reference_logps: Literal["live", "precompute"] = Field(
         "live",
         description="live: reference forward every step; precompute: one pass before training "
