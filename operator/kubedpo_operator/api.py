@@ -178,7 +178,9 @@ class Condition(Schema):
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str = Field("", description="CamelCase reason of the last transition.")
     message: str = Field("", description="Human-readable details.")
-    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
+    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).",
+                                             json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = Field(None, description="metadata.generation this condition was set for.")
 
 
 class Progress(Schema):
@@ -188,7 +190,9 @@ class Progress(Schema):
     loss: float | None = Field(None, description="Last logged DPO loss.")
     reward_accuracy: float | None = Field(None, description="Fraction of pairs with chosen reward > rejected.")
     reward_margin: float | None = Field(None, description="Mean chosen - rejected reward.")
-    tokens_per_second: float | None = Field(None, description="Training throughput of the gang.")
+    tokens_per_second: float | None = Field(
+        None, description="Tokens per second processed by rank 0 (the gang processes about this times the "
+        "number of ranks); read from rank 0's metrics like the rest of progress.")
     eta: str | None = Field(None, description="Estimated time left, e.g. 1h02m.")
     updated_at: str | None = Field(None, description="When these numbers were read from rank 0.")
 

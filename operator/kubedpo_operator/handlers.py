@@ -24,7 +24,7 @@ from .children import LABEL_ATTEMPT, LABEL_JOB, MANAGED_BY, config_map_name, job
 from .failures import ChildRequestError, record_failure, record_success, retry_due
 from .kube import Kube
 from .metrics import OperatorMetrics
-from .progress import fetch_metrics, metrics_url, parse_metrics, progress_patch
+from .scrape import read_progress
 from .settings import OperatorSettings
 from .status import (
     Transition,
@@ -202,8 +202,7 @@ def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         sync(memo, body["metadata"]["namespace"], labels[LABEL_JOB], int(labels[LABEL_ATTEMPT]))
 
 
-async def on_tick(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, patch: kopf.Patch,
-                  **_: Any) -> None:
+async def on_tick(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     """Periodic: TTL deletion, a level-triggered resync, and status.progress from rank 0."""
     status = dict(body.get("status") or {})
     spec_raw = dict(body.get("spec") or {})
@@ -221,10 +220,8 @@ async def on_tick(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, p
     with memo.metrics.timed("tick"):
         await asyncio.to_thread(sync, memo, namespace, name)
     if status.get("phase") == "Running" and spec.metrics.port:
-        url = metrics_url(memo.settings, name, namespace, int(status.get("attempt") or 0), spec.metrics.port)
-        text = await fetch_metrics(url, memo.settings.metrics_timeout_s)
-        if text:
-            patch.status.update(progress_patch(parse_metrics(text), spec.checkpoint.uri, now_iso()))
+        await read_progress(memo, name, namespace, int(status.get("attempt") or 0), spec.metrics.port,
+                            spec.checkpoint.uri)
 
 
 def on_delete(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:

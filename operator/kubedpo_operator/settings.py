@@ -56,6 +56,13 @@ class OperatorSettings:
     metrics_timeout_s: float = 5.0
     """Timeout of one metrics read; a slow trainer never blocks the operator."""
 
+    metrics_max_bytes: int = 1048576
+    """Largest /metrics body read from rank 0 (bytes); a larger one is refused with a condition.
+    The trainer's own exposition is a few KiB: the cap bounds operator memory per DPOJob."""
+
+    metrics_max_samples: int = 20000
+    """Most samples parsed from rank 0's /metrics; more are refused with a condition."""
+
     handler_backoff_s: float = 10.0
     """Seconds before kopf retries a failed create/resume handler (the tick also resyncs)."""
 
