@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # kubedpo operator image: `kubedpo operator` (kopf) and `kubedpo crd|validate|run`.
 #   docker build -t ghcr.io/kubedpo/operator:0.1.0 .
-# Only the base dependencies are installed (pydantic, kopf, kubernetes, boto3, prometheus-client):
+# Only the base dependencies are installed (pydantic, kopf, kubernetes, kubernetes-validate, boto3, prometheus-client):
 # the operator imports kubedpo_trainer.config (pure pydantic) but never torch, so the `trainer`
 # extra stays out and the image stays ~150 MB.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
