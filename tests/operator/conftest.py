@@ -60,8 +60,18 @@ class Emulator(kmock.KubernetesEmulator):
     """
 
     _rv: int = attrs.field(default=0, init=False)
+    # Faults that act before the emulator applies a request (kmock's reactions answer, but the
+    # emulator still applies the request): each returns the error to answer with, a delay in
+    # seconds (the request is applied after it, so others can overtake it), or None.
+    faults: list[Callable[[Any], Exception | float | None]] = attrs.field(factory=list, init=False)
 
     async def _handle(self, request: Any) -> Any:
+        for fault in self.faults:
+            outcome = fault(request)
+            if isinstance(outcome, Exception):
+                raise outcome
+            if outcome is not None:
+                await asyncio.sleep(outcome)
         if request.resource is not None and isinstance(request.data, dict | list):
             self._rv += 1
             rv = str(self._rv)
