@@ -19,9 +19,12 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from .api import FINISHED_PHASES, GROUP, PLURAL, VERSION, DPOJobSpec, SpecError, check_name, parse_spec
-from .children import LABEL_ATTEMPT, LABEL_JOB, MANAGED_BY, build_children, config_map_name, job_name
+from .admission import admit, plan_attempt
+from .api import FINISHED_PHASES, GROUP, PLURAL, VERSION, DPOJobSpec, SpecError, parse_spec
+from .api_errors import Refused
+from .children import LABEL_ATTEMPT, LABEL_JOB, MANAGED_BY, config_map_name, job_name
 from .conditions import CREATED, changed, set_condition
+from .failures import ChildRequestError, record_failure, record_success, retry_due
 from .kube import Kube
 from .metrics import OperatorMetrics
 from .ownership import ForeignChild, owned_by, owned_jobs, selector
@@ -60,17 +63,42 @@ def ensure_attempt(memo: kopf.Memo, namespace: str, name: str, uid: str, spec: D
                    attempt: int, start_time: str | None) -> int:
     """Create whichever of the attempt's children are missing; returns how many were created.
 
-    Raises ForeignChild when a child's name is taken by an object this DPOJob does not own.
+    Every child is checked before any is sent (SpecError); a failed API call raises
+    ChildRequestError naming the child, for `failures.record_failure` to classify. Raises
+    ForeignChild when a child's name is taken by an object this DPOJob does not own.
     """
     deadline = remaining_deadline(spec.run_policy, start_time, datetime.now(UTC))
     created = 0
-    for obj in build_children(name, namespace, uid, spec, attempt, memo.settings, deadline):
-        existing = memo.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
-        if existing is None:
-            created += memo.kube.create(obj)
-        elif not owned_by(existing, uid):
+    for obj in plan_attempt(name, namespace, uid, spec, attempt, memo.settings, deadline):
+        child = f"{obj['kind']} {obj['metadata']['name']}"
+        try:
+            existing = memo.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
+            if existing is None:
+                created += memo.kube.create(obj)
+        except Exception as err:
+            raise ChildRequestError(f"create {child}", err) from err
+        if existing is not None and not owned_by(existing, uid):
             raise ForeignChild(obj["kind"], existing, uid)
     return created
+
+
+def ensure_or_record(memo: kopf.Memo, dpo: dict[str, Any], spec: DPOJobSpec, attempt: int) -> bool:
+    """ensure_attempt from the level-triggered paths: failures become status, never a retry storm."""
+    namespace, name = dpo["metadata"]["namespace"], dpo["metadata"]["name"]
+    if not retry_due(memo, namespace, name):
+        return False
+    try:
+        ensure_attempt(memo, namespace, name, dpo["metadata"]["uid"], spec, attempt,
+                       (dpo.get("status") or {}).get("startTime"))
+    except (SpecError, ChildRequestError) as err:
+        record_failure(memo, dpo, err)
+        return False
+    except ForeignChild as err:
+        _note_foreign(memo, dpo, err)
+        return False
+    record_success(memo, namespace, name)
+    _record_job(memo, namespace, name, dpo.get("status") or {}, attempt)
+    return True
 
 
 def delete_attempt(memo: kopf.Memo, namespace: str, name: str, attempt: int) -> None:
@@ -139,11 +167,8 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
         if job is not None and job["metadata"].get("deletionTimestamp"):
             job = None
         if job is None and status.get("currentJob") != job_name(name, attempt):
-            try:  # not created yet (e.g. the operator stopped between a restart's delete and create)
-                ensure_attempt(memo, namespace, name, uid, spec, attempt, status.get("startTime"))
-                _record_job(memo, namespace, name, status, attempt)
-            except ForeignChild as err:
-                _note_foreign(memo, dpo, err)
+            # not created yet (e.g. the operator stopped between a restart's delete and create)
+            ensure_or_record(memo, dpo, spec, attempt)
             return
         if job is None:  # deleted by someone else: that attempt failed, and it counts
             state = JobState("failed", "JobDeleted", f"the Job of attempt {attempt} was deleted outside kubedpo")
@@ -164,11 +189,7 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
             memo.metrics.restarts.labels(reason=t.reason).inc()
             if not _try_delete(memo, namespace, name, attempt):
                 return  # the tick retries the delete, then creates the next attempt
-            try:
-                ensure_attempt(memo, namespace, name, uid, spec, attempt + 1, status.get("startTime"))
-                _record_job(memo, namespace, name, {}, attempt + 1)
-            except ForeignChild as err:
-                _note_foreign(memo, dpo, err)
+            ensure_or_record(memo, memo.kube.get_dpojob(namespace, name) or dpo, spec, attempt + 1)
 
 
 def reconcile(body: kopf.Body, name: str, namespace: str, uid: str, meta: kopf.Meta, memo: kopf.Memo,
@@ -180,8 +201,7 @@ def reconcile(body: kopf.Body, name: str, namespace: str, uid: str, meta: kopf.M
     """
     with memo.metrics.timed("reconcile"):
         try:
-            check_name(name)
-            spec = parse_spec(dict(body.get("spec") or {}))
+            spec = admit(name, body.get("spec"), memo.settings)
         except SpecError as err:
             status = dict(body.get("status") or {})
             if status.get("phase") not in FINISHED_PHASES:
@@ -206,10 +226,16 @@ def reconcile(body: kopf.Body, name: str, namespace: str, uid: str, meta: kopf.M
             try:
                 ensure_attempt(memo, namespace, name, uid, spec, int(status.get("attempt") or 0),
                                status.get("startTime"))
-                _record_job(memo, namespace, name, status, int(status.get("attempt") or 0))
+            except (SpecError, ChildRequestError) as err:
+                outcome = record_failure(memo, memo.kube.get_dpojob(namespace, name) or fresh, err)
+                if isinstance(outcome, Refused):
+                    raise kopf.PermanentError(f"{outcome.field}: {outcome.message}") from None
+                raise kopf.TemporaryError(outcome.reason, delay=outcome.delay) from None
             except ForeignChild as err:
                 _note_foreign(memo, {**fresh, "status": status}, err)
                 raise kopf.TemporaryError(err.message, delay=memo.settings.handler_backoff_s) from None
+            record_success(memo, namespace, name)
+            _record_job(memo, namespace, name, status, int(status.get("attempt") or 0))
 
 
 def _first_status(memo: kopf.Memo, namespace: str, name: str, uid: str, generation: int | None,
