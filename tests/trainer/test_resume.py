@@ -162,8 +162,8 @@ def test_sigkill_then_resume_with_another_number_of_ranks_2_1_2(s3, s3_task, tmp
     """2 ranks x batch 4, SIGKILLed; resumed on 1 rank x batch 4 x accumulation 2 (the same global
     batch of 8), SIGKILLed; finished on 2 ranks again. The trained history has every row exactly
     once and the same rows at the same steps as an uninterrupted 2-rank run, and every step's
-    loss equals that run's within 1e-4 absolute (DDP's all-reduce and accumulation add the same
-    gradients in another order: float rounding only; measured differences are ~1e-7)."""
+    loss equals that run's within 1e-5 absolute (DDP's all-reduce and accumulation could add the
+    same gradients in another order; measured: identical at the log's 6 decimals)."""
     env = s3.env()
     base = Launch(_cfg(s3_task, s3, "base212"), tmp_path / "base", env)
     assert base.wait() == 0, base.stderr()
@@ -189,9 +189,8 @@ def test_sigkill_then_resume_with_another_number_of_ranks_2_1_2(s3, s3_task, tmp
     assert len(counts) == ROWS and set(counts.values()) == {1}, "every row exactly once"
     assert {s: sorted(r) for s, r in history.items()} == {s: sorted(r) for s, r in base_rows.items()}
     assert sorted(losses) == list(range(1, STEPS + 1))
-    print("max |loss - uninterrupted loss|:", max(abs(losses[s] - base_loss[s]) for s in losses))
     for s in losses:
-        assert losses[s] == pytest.approx(base_loss[s], abs=1e-4), s
+        assert losses[s] == pytest.approx(base_loss[s], abs=1e-5), s
 
 
 def test_changed_global_batch_is_refused_at_resume(s3, s3_task, tmp_path: Path) -> None:

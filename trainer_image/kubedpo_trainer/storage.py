@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fcntl
 import io
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +155,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     p = _local(uri)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    tmp = p.with_name(f"{p.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # writers may race: each its own
     tmp.write_bytes(data)
     tmp.replace(p)
 

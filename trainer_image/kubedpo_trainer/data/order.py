@@ -23,6 +23,7 @@ trained silently.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,7 @@ class GlobalOrder:
     _perm_ends: np.ndarray | None = field(default=None, repr=False)
     _perm: np.ndarray | None = field(default=None, repr=False)
     _windows: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # prefetch thread vs checkpoint
 
     def __post_init__(self) -> None:
         per_shard = np.array([-(-n // self.block_rows) for n in self.rows], dtype=np.int64)
@@ -75,10 +77,14 @@ class GlobalOrder:
         return np.minimum(self.block_rows, np.asarray(self.rows, dtype=np.int64)[shard] - first)
 
     def fingerprint(self, epoch: int) -> list[int]:
-        """The epoch's first block ids: equal orders have equal fingerprints."""
-        self._epoch_blocks(epoch)
-        assert self._perm is not None
-        return [int(b) for b in self._perm[:8]]
+        """The epoch's first block ids: equal orders have equal fingerprints.
+
+        Drawn afresh (not from the cached epoch): the prefetch thread may be in the next epoch.
+        """
+        if not self.shuffle:
+            return list(range(min(8, self.blocks)))
+        perm = np.random.Generator(np.random.PCG64([self.seed, epoch, _BLOCKS])).permutation(self.blocks)
+        return [int(b) for b in perm[:8]]
 
     def _pre_window(self, epoch: int, p: int) -> int:
         """Position before the window shuffle of epoch position p."""
@@ -99,12 +105,14 @@ class GlobalOrder:
         """(shard position, row) at epoch position p (0 <= p < total)."""
         if not 0 <= p < self.total:
             raise IndexError(f"position {p} outside the epoch's {self.total} rows")
-        self._epoch_blocks(epoch)
-        assert self._perm is not None and self._perm_ends is not None
-        q = self._pre_window(epoch, p)
-        j = int(np.searchsorted(self._perm_ends, q, side="right"))
-        before = int(self._perm_ends[j - 1]) if j else 0
-        s, first, _ = self._block(int(self._perm[j]))
+        with self._lock:
+            self._epoch_blocks(epoch)
+            assert self._perm is not None and self._perm_ends is not None
+            q = self._pre_window(epoch, p)
+            j = int(np.searchsorted(self._perm_ends, q, side="right"))
+            before = int(self._perm_ends[j - 1]) if j else 0
+            block = int(self._perm[j])
+        s, first, _ = self._block(block)
         return s, first + (q - before)
 
 
