@@ -332,6 +332,9 @@ def build_registry(settings: OperatorSettings, login: bool = True) -> kopf.Opera
     kopf.on.create(**DPO, registry=r, id="reconcile", backoff=backoff)(reconcile)
     kopf.on.resume(**DPO, registry=r, id="adopt", backoff=backoff)(reconcile)
     kopf.on.field(**DPO, field="spec.runPolicy.suspend", registry=r, id="suspend", backoff=backoff)(on_suspend)
+    from .rescale import on_workers  # imports this module's helpers: registered here, not at import
+
+    kopf.on.field(**DPO, field="spec.workers", registry=r, id="workers", backoff=backoff)(on_workers)
     kopf.on.delete(**DPO, registry=r, optional=True, id="forget")(on_delete)
     kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY},
                   registry=r, id="job")(on_job_event)
