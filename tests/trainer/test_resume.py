@@ -120,26 +120,36 @@ def _cfg(task: dict[str, str], s3, name: str, endpoint: str | None = None, **tra
     }
 
 
-def test_sigkill_mid_epoch_resumes_exactly_once(s3, s3_task, tmp_path: Path) -> None:
+PACKED = {"packing": {"maxTokens": 48, "sharePrompt": True}, "referenceLogps": "precompute"}
+
+
+@pytest.mark.parametrize("training", [{}, PACKED], ids=["padded", "packed-precomputed"])
+def test_sigkill_mid_epoch_resumes_exactly_once(s3, s3_task, tmp_path: Path, training: dict[str, Any]) -> None:
     """Uninterrupted run vs. a run SIGKILLed at step >= 25 (last complete checkpoint: 20) and
     restarted: every row of the epoch is trained exactly once in the final history (steps 21..25
     are retrained once, identically), and the loss at every step after resume equals the
     uninterrupted run's (tolerance 1e-5; CPU gloo is deterministic, the state is restored
-    bit-exactly, so only summation-order noise could differ)."""
+    bit-exactly, so only summation-order noise could differ).
+
+    Packed (a token budget that splits each step into several micro-batches) with precomputed
+    reference log-probs: the same, and the restarted attempt reads the reference table from the
+    cache beside the checkpoints instead of recomputing it."""
     env = s3.env()
-    base = Launch(_cfg(s3_task, s3, "base"), tmp_path / "base", env)
+    base = Launch(_cfg(s3_task, s3, "base", **training), tmp_path / "base", env)
     assert base.wait() == 0, base.stderr()
     base_rows, base_loss = base.rows_by_step(), base.losses()
     assert len(base_loss) == STEPS
 
-    first = Launch(_cfg(s3_task, s3, "killed"), tmp_path / "first", env)
+    first = Launch(_cfg(s3_task, s3, "killed", **training), tmp_path / "first", env)
     first.wait_for_step(25)
     first.kill()
     killed_at = max(first.rows_by_step())
     assert 25 <= killed_at < STEPS
 
-    second = Launch(_cfg(s3_task, s3, "killed"), tmp_path / "second", env)
+    second = Launch(_cfg(s3_task, s3, "killed", **training), tmp_path / "second", env)
     assert second.wait() == 0, second.stderr()
+    if training:
+        assert f"{ROWS} rows reused from the cache, 0 computed" in second.full_log()
     resumed = second.rows_by_step()
     start = min(resumed) - 1
     assert start % 10 == 0 and start <= killed_at  # a complete checkpoint, at or before the kill
