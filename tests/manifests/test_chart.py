@@ -314,8 +314,8 @@ def test_pod_monitor_selects_trainer_pods_built_by_the_operator(render) -> None:
     endpoint = monitor["spec"]["podMetricsEndpoints"][0]
     port_names = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
     assert endpoint["port"] in port_names
-    # The trainer's own job/namespace labels must win: the dashboard's variables are DPOJob names.
-    assert endpoint["honorLabels"] is True
+    # The dashboard keys on the trainer's `dpojob` label, which needs no honorLabels.
+    assert not endpoint.get("honorLabels")
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
     operator_labels = one(render(), "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert not monitor["spec"]["selector"]["matchLabels"].items() <= operator_labels.items()

@@ -1,8 +1,8 @@
 """A real Prometheus (Debian's `prometheus` binary) on 127.0.0.1, scraping targets the test names.
 
 Started per test with its own config, data dir and free port; stopped by its PID. Scrapes every
-second with honor_labels, as the chart's PodMonitor does, so series keep the trainer's own
-`job`/`namespace` labels.
+second, with honor_labels or without (then target labels win over the trainer's, as with
+annotation-based scrapers); the trainer's `dpojob` label survives either way.
 """
 
 from __future__ import annotations
@@ -55,17 +55,17 @@ def prometheus_bin() -> str:
 
 
 @pytest.fixture
-def start_prometheus(prometheus_bin: str, tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
+def start_prometheus(prometheus_bin: str, tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     procs: list[subprocess.Popen] = []
     stack = contextlib.ExitStack()
 
-    def _start(targets: list[str]) -> Prometheus:
+    def _start(targets: list[str], honor_labels: bool = True, labels: dict[str, str] | None = None) -> Prometheus:
         port = free_port()
         config = tmp_path / "prometheus.yml"
         config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "kubedpo-trainer", "honor_labels": True,
-                                "static_configs": [{"targets": targets}]}],
+            "scrape_configs": [{"job_name": "kubedpo-trainer", "honor_labels": honor_labels,
+                                "static_configs": [{"targets": targets, **({"labels": labels} if labels else {})}]}],
         }))
         log = stack.enter_context(open(tmp_path / "prometheus.log", "w"))
         proc = subprocess.Popen(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client import generate_latest
 
-from kubedpo_trainer.metrics import COUNTERS, HISTOGRAMS, TRAIN_GAUGES, TrainerMetrics
+from kubedpo_trainer.metrics import COUNTERS, HISTOGRAMS, LAZY_GAUGES, TRAIN_GAUGES, TrainerMetrics
 from tests.manifests.tools import ROOT
 
 DASHBOARD = ROOT / "charts" / "kubedpo" / "dashboards" / "kubedpo.json"
@@ -57,6 +57,7 @@ def test_every_metric_on_the_dashboard_is_exported_by_the_trainer() -> None:
     """A renamed metric would leave a panel silently empty: compare with the real exposition."""
     metrics = TrainerMetrics(job="j", namespace="ns", rank=0)
     metrics.observe("step_seconds", 0.1)
+    metrics.set(dict.fromkeys(LAZY_GAUGES, 1.0))  # eval/checkpoint series appear once first set
     exported = set(re.findall(r"^(kubedpo_\w+)", generate_latest(metrics.registry).decode(), re.M))
     used = {m for _, expr in panel_queries(load_dashboard()) for m in METRIC.findall(expr)}
     assert used - exported == set(), f"dashboard queries metrics the trainer does not export: {used - exported}"
@@ -64,12 +65,12 @@ def test_every_metric_on_the_dashboard_is_exported_by_the_trainer() -> None:
     assert not missing, f"dashboard lacks panels for {missing}"
 
 
-def test_every_selector_is_scoped_by_the_job_and_namespace_variables() -> None:
+def test_every_selector_is_scoped_by_the_dpojob_and_namespace_variables() -> None:
     for where, expr in panel_queries(load_dashboard()):
         for metric in METRIC.finditer(expr):
             selector = expr[metric.end():].split("}")[0]
             assert selector.startswith("{") and 'namespace=~"$namespace"' in selector \
-                and 'job=~"$job"' in selector, f"{where}: {metric.group()} is not scoped: {expr}"
+                and 'dpojob=~"$dpojob"' in selector, f"{where}: {metric.group()} is not scoped: {expr}"
 
 
 def test_dashboard_layout_and_datasource() -> None:
@@ -82,7 +83,7 @@ def test_dashboard_layout_and_datasource() -> None:
         assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
     vars_ = variables(dash)
     assert vars_["datasource"]["type"] == "datasource" and vars_["datasource"]["query"] == "prometheus"
-    for name in ("namespace", "job"):
+    for name in ("namespace", "dpojob"):
         assert VARIABLE.match(vars_[name]["query"]["query"]), f"variable {name} is not label_values(...)"
 
 
@@ -91,7 +92,7 @@ def test_dashboard_layout_and_datasource() -> None:
 @dataclass(frozen=True)
 class Endpoint:
     target: str  # host:port Prometheus scrapes
-    job: str
+    dpojob: str
     namespace: str
 
 
@@ -133,13 +134,13 @@ def trainer_endpoint() -> Iterator[Endpoint]:
     stop = threading.Event()
     feeder = threading.Thread(target=_play_training, args=(metrics, stop), daemon=True)
     feeder.start()
-    yield Endpoint(f"127.0.0.1:{port}", job="zephyr-lora-dpo", namespace="team-a")
+    yield Endpoint(f"127.0.0.1:{port}", dpojob="zephyr-lora-dpo", namespace="team-a")
     stop.set()
     feeder.join(timeout=5)
 
 
 def _wait_for_scrapes(prom, endpoint: Endpoint) -> None:
-    expr = f'count_over_time(kubedpo_step{{job="{endpoint.job}"}}[1m])'
+    expr = f'count_over_time(kubedpo_step{{dpojob="{endpoint.dpojob}"}}[1m])'
     deadline = time.monotonic() + DATA_TIMEOUT_S
     while time.monotonic() < deadline:
         result = prom.query(expr)
@@ -165,14 +166,19 @@ def substitute(expr: str, bound: dict[str, str]) -> str:
     return expr
 
 
-def test_every_dashboard_query_returns_data(start_prometheus, trainer_endpoint: Endpoint) -> None:
-    prom = start_prometheus([trainer_endpoint.target])
+@pytest.mark.parametrize("honor_labels", [True, False], ids=["honor-labels", "target-labels-win"])
+def test_every_dashboard_query_returns_data(start_prometheus, trainer_endpoint: Endpoint, honor_labels: bool) -> None:
+    """Both scrape styles: honor_labels (the chart's PodMonitor may set it) and the default, where
+    the target's own labels win, as with annotation-based scrapers and Kubernetes SD (the pod's
+    `namespace` is then the target's, the same value; `job` is the scrape job's, not ours)."""
+    target_labels = None if honor_labels else {"namespace": trainer_endpoint.namespace, "pod": "zephyr-lora-dpo-0-0"}
+    prom = start_prometheus([trainer_endpoint.target], honor_labels=honor_labels, labels=target_labels)
     _wait_for_scrapes(prom, trainer_endpoint)
     dash = load_dashboard()
     vars_ = variables(dash)
 
     bound = {"__rate_interval": RATE_INTERVAL}
-    for name in ("namespace", "job"):  # in dashboard order: job's query uses $namespace
+    for name in ("namespace", "dpojob"):  # in dashboard order: dpojob's query uses $namespace
         options = _resolve(prom, vars_[name]["query"]["query"], bound)
         assert options == [getattr(trainer_endpoint, name)], f"variable {name} offers {options}"
         bound[name] = options[0]
