@@ -1,5 +1,5 @@
-"""The pure child builders: whole objects valid against the oldest Kubernetes the chart claims
-(1.28, chart kubeVersion) and the newest schemas kubernetes-validate knows, and the fields the gang, restarts, Kueue and the trainer's exit-code contract depend on."""
+"""The pure child builders: whole objects valid against Kubernetes 1.37's schemas, and the
+fields the gang, restarts, Kueue and the trainer's exit-code contract depend on."""
 
 from __future__ import annotations
 
@@ -23,14 +23,13 @@ from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED
 from tests.operator.conftest import minimal_spec
 
 K8S = kubernetes_validate.latest_version()
-OLDEST_K8S = "1.28.0"  # charts/kubedpo/Chart.yaml kubeVersion
+OLDEST = "1.28.0"  # the chart's kubeVersion floor
 
 
 def _spec(**extra):
     return parse_spec(minimal_spec(**extra))
 
 
-@pytest.mark.parametrize("k8s", [OLDEST_K8S, K8S])
 @pytest.mark.parametrize("extra", [
     {},
     {"workers": 4, "gpusPerWorker": 8, "runPolicy": {"queueName": "q", "activeDeadlineSeconds": 60},
@@ -38,9 +37,31 @@ def _spec(**extra):
      "resources": {"requests": {"cpu": 4, "memory": "8Gi"}}, "priorityClassName": "high",
      "env": [{"name": "AWS_REGION", "value": "x"}], "envFrom": [{"secretRef": {"name": "s3"}}]},
 ])
-def test_children_are_valid_kubernetes_objects(extra, k8s):
+def test_children_are_valid_kubernetes_objects(extra):
     for obj in build_children("j", "ns", "uid-1", _spec(**extra), 0, OperatorSettings(), 30):
-        kubernetes_validate.validate(obj, k8s, strict=True)
+        for version in (OLDEST, K8S):  # 1.28 required onPodConditions[].status: found this way
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_pod_section_reaches_the_pod_and_operator_labels_win():
+    spec = _spec(pod={"labels": {"team": "a", "cost-centre": "ml"}, "annotations": {"note": "x"},
+                      "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "cache"}}],
+                      "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+                      "imagePullSecrets": [{"name": "regcred"}], "addCapabilities": ["IPC_LOCK"]},
+                 resources={"limits": {"rdma/hca": 1}})
+    job = build_job("j", "ns", "u", spec, 0, OperatorSettings())
+    tpl = job["spec"]["template"]
+    assert tpl["metadata"]["labels"]["team"] == "a" and tpl["metadata"]["labels"]["kubedpo.io/job-name"] == "j"
+    assert tpl["metadata"]["annotations"] == {"note": "x"}
+    pod = tpl["spec"]
+    c = pod["containers"][0]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "cache"}} in pod["volumes"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert c["resources"]["limits"]["rdma/hca"] == "1"
+    for version in (OLDEST, K8S):
+        kubernetes_validate.validate(job, version, strict=True)
 
 
 def test_gang_job_shape():
@@ -55,7 +76,10 @@ def test_gang_job_shape():
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod["volumes"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the one writable path: HOME lives there
+    assert {"name": "HOME", "value": "/tmp"} in c["env"]
     args = c["args"]
     assert args[args.index("--nnodes") + 1] == "3" and args[args.index("--nproc-per-node") + 1] == "4"
     assert args[args.index("--master-addr") + 1] == "llama-2-0.llama-2"
@@ -65,7 +89,6 @@ def test_gang_job_shape():
 
 def test_pod_failure_policy_matches_the_trainer_exit_codes():
     rules = build_job("j", "ns", "u", _spec(), 0, OperatorSettings())["spec"]["podFailurePolicy"]["rules"]
-    # status explicit: required up to Kubernetes 1.28 (defaulted to "True" only from 1.29)
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[RULE_CONFIG]["action"] == "FailJob"
     assert rules[RULE_CONFIG]["onExitCodes"]["values"] == [EXIT_CONFIG]
