@@ -41,18 +41,23 @@ TRAIN_GAUGES = (
     "tokens_per_second",
     "eta_seconds",
     "last_checkpoint_step",
+    "last_checkpoint_timestamp_seconds",
     "gpu_memory_bytes",
+    "attempt",
 )
 # Gauges that mean nothing before their event: no series until first set, so a dashboard shows
 # "no data" rather than an eval accuracy or a checkpoint step of 0 before the first one.
-LAZY_GAUGES = frozenset({*(f"eval_{n}" for n in DPO_GAUGES), "last_checkpoint_step"})
+# gpu_memory_bytes: set on GPU only (host memory would be another quantity under the same name).
+LAZY_GAUGES = frozenset({*(f"eval_{n}" for n in DPO_GAUGES), "last_checkpoint_step",
+                         "last_checkpoint_timestamp_seconds", "gpu_memory_bytes"})
 COUNTERS = {
     "samples": "Preference pairs trained on (this rank).",
     "tokens": "Non-padding tokens processed (this rank).",
-    "s3_retries": "S3 requests retried and broken streams resumed.",
-    "bad_records": "Malformed data rows skipped (data.onBadRecord=skip).",
-    "truncated_prompts": "Prompts cut to data.maxPromptLength.",
-    "truncated_responses": "Responses cut to fit data.maxLength.",
+    "job_tokens": "Non-padding tokens processed by all ranks of the job (summed at each logging step).",
+    "s3_retries": "S3 requests retried and broken streams resumed (this rank).",
+    "bad_records": "Malformed data rows skipped, all ranks (data.onBadRecord=skip; summed at each logging step).",
+    "truncated_prompts": "Prompts cut to data.maxPromptLength, all ranks (summed at each logging step).",
+    "truncated_responses": "Responses cut to fit data.maxLength, all ranks (summed at each logging step).",
 }
 HISTOGRAMS = {
     "step_seconds": ("Wall time of one optimizer step.", (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)),
