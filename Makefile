@@ -29,9 +29,13 @@ lint: install
 	scripts/sync-chart-crds.sh --check
 	@$(VENV)/bin/kubedpo dashboard | diff -u charts/kubedpo/dashboards/kubedpo.json - \
 	  || { echo "charts/kubedpo/dashboards/kubedpo.json is stale: run 'make dashboard' (it is generated)"; exit 1; }
+	@$(VENV)/bin/kubedpo alerts | diff -u charts/kubedpo/alerts/kubedpo.rules.yaml - \
+	  || { echo "charts/kubedpo/alerts/kubedpo.rules.yaml is stale: run 'make dashboard' (it is generated)"; exit 1; }
 
 dashboard: install
 	$(VENV)/bin/kubedpo dashboard > charts/kubedpo/dashboards/kubedpo.json
+	@mkdir -p charts/kubedpo/alerts
+	$(VENV)/bin/kubedpo alerts > charts/kubedpo/alerts/kubedpo.rules.yaml
 
 crd: install
 	$(VENV)/bin/kubedpo crd > crds/kubedpo.io_dpojobs.yaml
