@@ -82,6 +82,7 @@ class Trainer:
             namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
             rank=self.rank,
         )
+        self.metrics.set({"attempt": int(os.environ.get("KUBEDPO_ATTEMPT", "0"))})  # gang restarts so far
         if self.rank == 0 and cfg.metrics.port:
             self.metrics_port = self.metrics.serve(cfg.metrics.port)
             log.info("metrics on :%d/metrics", self.metrics_port)
@@ -122,7 +123,8 @@ class Trainer:
             self.writer = ckpt.CheckpointWriter(
                 cfg.checkpoint.uri, self.rank, self.world, cfg.checkpoint.keep_last,
                 staging=self._scratch("kubedpo-ckpt-"),
-                on_complete=lambda step: self.metrics.set({"last_checkpoint_step": step}),
+                on_complete=lambda step: self.metrics.set(
+                    {"last_checkpoint_step": step, "last_checkpoint_timestamp_seconds": time.time()}),
             )
         self._resume()
         self.log = StepLogger(self.rank, self.total_steps, self.metrics)
@@ -361,11 +363,15 @@ class Trainer:
         return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
     def _sync_counters(self) -> None:
-        stats = self.train_stream.stats
-        self.metrics.sync_counter("bad_records", stats.bad_records)
-        self.metrics.sync_counter("truncated_prompts", stats.truncated_prompts)
-        self.metrics.sync_counter("truncated_responses", stats.truncated_responses)
+        """Only rank 0 serves metrics, so its data counters carry the whole job's totals: every
+        rank calls this at each logging step (two small all-reduces)."""
+        totals = self._data_totals()
+        for key in ("bad_records", "truncated_prompts", "truncated_responses"):
+            self.metrics.sync_counter(key, totals[key])
+        self.metrics.sync_counter("job_tokens", self._sum_over_ranks(self.tokens_total))
         self.metrics.sync_counter("s3_retries", storage.retry_count())
+        if torch.cuda.is_available():  # on CPU the series stays absent rather than show host RSS
+            self.metrics.set({"gpu_memory_bytes": peak_memory_bytes()})
 
     def _record_rows(self, group: Any) -> None:
         """Opt-in audit log of trained row ids (KUBEDPO_ROW_LOG=dir): exactly-once evidence."""
