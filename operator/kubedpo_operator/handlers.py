@@ -21,6 +21,7 @@ from .api import FINISHED_PHASES, GROUP, PLURAL, VERSION, DPOJobSpec, SpecError,
 from .children import LABEL_ATTEMPT, LABEL_JOB, MANAGED_BY, build_children, config_map_name, job_name
 from .kube import Kube
 from .metrics import OperatorMetrics
+from .planning import memory_condition
 from .progress import fetch_metrics, metrics_url, parse_metrics, progress_patch
 from .settings import OperatorSettings
 from .status import (
@@ -130,8 +131,13 @@ def reconcile(body: kopf.Body, name: str, namespace: str, uid: str, meta: kopf.M
                 return
             if not status.get("phase"):
                 status = initial_status(meta.get("generation"), now_iso(), spec.workers)
+                plan = memory_condition(spec, status["startTime"], memo.settings.memory_plan_timeout_s)
+                if plan is not None:
+                    status["conditions"].append(plan)
                 memo.kube.patch_dpojob_status(namespace, name, status)
                 _event(dict(body), False, "Created", status["message"])
+                if plan is not None and plan["status"] == "False":
+                    _event(dict(body), True, "MemoryPlan", plan["message"])
             memo.metrics.observe_phase(namespace, name, status["phase"])
             ensure_attempt(memo, namespace, name, uid, spec, int(status.get("attempt") or 0),
                            status.get("startTime"))

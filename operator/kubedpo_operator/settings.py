@@ -41,6 +41,9 @@ class OperatorSettings:
     metrics_timeout_s: float = 5.0
     """Timeout of one metrics read; a slow trainer never blocks the operator."""
 
+    memory_plan_timeout_s: float = 5.0
+    """Seconds to read a GPU job's model config.json for the MemoryPlan condition (0: no plan)."""
+
     handler_backoff_s: float = 10.0
     """Seconds before kopf retries a failed create/resume handler (the tick also resyncs)."""
 
