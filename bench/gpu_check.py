@@ -4,7 +4,7 @@
     python bench/gpu_check.py --smoke    # CPU, tiny model, seconds (tests/bench/test_gpu_check.py)
 
 Nothing is downloaded: the model (random weights, Llama-shaped, GQA, untied head) and the
-preference rows are built locally (bench/trl_compare.py's builders); HF_HUB_OFFLINE=1.
+preference rows (the tiny task, ~350-token prompts) are built locally; HF_HUB_OFFLINE=1.
 Every run is a subprocess of the real entry points, on the same model, rows and order:
   kubedpo live        bf16-mixed (fp32 weights + AdamW state, bf16 autocast), live reference
   kubedpo precompute  the same, reference log-probs precomputed and the reference freed
@@ -31,12 +31,72 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from trl_compare import OFFLINE, SEED, Memory, _process_peak, build_model, write_data  # noqa: E402
-
-BETA, LR = 0.1, 5e-7
+BETA, LR, SEED = 0.1, 5e-7, 0
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
 # bf16 dense tensor-core peak (FLOP/s) by device name, from the vendors' datasheets (SXM parts).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+
+
+# --- inputs, built here (self-contained: this script must run as is on a bare GPU machine) ------
+
+
+def build_model(out: Path, hidden: int, layers: int, vocab: int) -> Path:
+    """A seeded Llama (GQA, untied head) with the tiny task's tokenizer, saved to `out`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kubedpo_trainer.tiny import build_tokenizer
+
+    tok = build_tokenizer(out)
+    heads = max(1, hidden // 64)
+    config = LlamaConfig(
+        vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=(hidden * 8 // 3 + 63) // 64 * 64,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(SEED)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    return out
+
+
+def write_data(folder: Path, n: int, prompt_words: tuple[int, int]) -> str:
+    """The tiny task's rows (one token a word) in one JSONL shard, read in file order by both sides."""
+    import random
+
+    from kubedpo_trainer.tiny import CATEGORIES, WORD_CATEGORY, make_row
+
+    rng, vocab = random.Random(SEED), list(WORD_CATEGORY)
+    rows = []
+    for _ in range(n):
+        words = tuple(rng.choice(vocab) for _ in range(rng.randint(*prompt_words)))
+        rows.append(make_row(words, rng.choice([c for c in CATEGORIES if c != WORD_CATEGORY[words[0]]]), "standard"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "part-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+class Memory:
+    """Peak memory of the training steps: CUDA's peak counter (reset at the first step); on CPU
+    the peak RSS (VmHWM, reset by `clear_refs 5`)."""
+
+    def reset(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def result(self) -> dict[str, int]:
+        import torch
+
+        if torch.cuda.is_available():
+            return {"peak_bytes": int(torch.cuda.max_memory_allocated())}
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return {"peak_bytes": int(line.split()[1]) * 1024}
 
 
 def _changed_fraction(model: Any, initial_dir: str) -> float:
@@ -102,7 +162,7 @@ def worker_kubedpo(a: dict[str, Any]) -> dict[str, Any]:
     code = cli.run(["--config", str(root / "config.yaml")])
     if code:
         raise SystemExit(f"kubedpo-trainer exited {code}")
-    res = {"step_seconds": times, "tokens": tokens, **mem.result(_process_peak())}
+    res = {"step_seconds": times, "tokens": tokens, **mem.result()}
     if int(os.environ.get("RANK", "0")) == 0:
         from transformers import AutoModelForCausalLM
 
@@ -148,7 +208,7 @@ def worker_trl(a: dict[str, Any]) -> dict[str, Any]:
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok,
                          callbacks=[Probe()])
     trainer.train()
-    return {"step_seconds": times, **mem.result(_process_peak()),
+    return {"step_seconds": times, **mem.result(),
             "changed_fraction": _changed_fraction(trainer.model, a["model"])}
 
 
@@ -204,7 +264,7 @@ def main() -> None:
     model = build_model(root / "model", hidden, layers, vocab)
     n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
         str(model)).parameters())
-    train = write_data(root / "data", "long" if not args.smoke else "short", max(1024, steps * batch))
+    train = write_data(root / "data", max(1024, steps * batch), (3, 5) if args.smoke else (300, 400))
     a = {"model": str(model), "train": train, "batch": batch, "steps": steps, "max_length": length}
     cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name() if cuda else "cpu"

@@ -29,12 +29,17 @@ from .errors import ConfigError
 
 
 class Schema(BaseModel):
-    """Base of every spec model: camelCase aliases, unknown fields are errors."""
+    """Base of every spec model: camelCase aliases, unknown fields are errors, numbers finite.
+
+    allow_inf_nan=False: Kubernetes' JSON has no Infinity/NaN (the API server refuses them), and an
+    infinite duration or rate is always a mistake, whether written `.inf` in YAML or "inf".
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
+        allow_inf_nan=False,
         use_enum_values=True,
         validate_default=True,
     )
@@ -139,6 +144,24 @@ class BetaSchedule(Schema):
     final: float = Field(..., gt=0, description="Beta at the last step; training.beta is the start value.")
 
 
+class PackingConfig(Schema):
+    max_tokens: int = Field(
+        4096, ge=16,
+        description="Token budget of one micro-batch: an optimizer step's pairs (batchSize x "
+        "gradientAccumulationSteps per rank) are split into as many micro-batches as this needs.",
+    )
+    share_prompt: bool = Field(
+        True,
+        description="Put each prompt in once and let chosen and rejected both attend to it "
+        "(prefix sharing): the prompt's compute is paid once per pair. Same results.",
+    )
+    row_tokens: int | None = Field(
+        None, ge=16,
+        description="Length of one packed row (sequences never straddle rows). Default: "
+        "data.maxLength. Attention without a varlen kernel costs row length squared per row.",
+    )
+
+
 class DistributedConfig(Schema):
     """How ranks share the model. Activation checkpointing is training.gradientCheckpointing (both)."""
 
@@ -229,6 +252,20 @@ class TrainingConfig(Schema):
         description="live: reference forward every step; precompute: one pass before training "
         "(reference model then freed).",
     )
+    reference_cache_uri: str | None = Field(
+        None,
+        description="With referenceLogps precompute: where precomputed reference log-probs are kept "
+        "(s3:// or local), keyed by reference model, tokenizer, data shard versions and truncation, "
+        "written as they are computed, so a restarted attempt, a later epoch or the next iterative "
+        "round with the same reference reuses them. Default: <checkpoint.uri>/reference-cache/ "
+        "(none without checkpoint.uri: the table then lives in memory for one attempt).",
+    )
+    packing: PackingConfig | None = Field(
+        None,
+        description="Padding-free packing: pairs packed into rows with a block-sparse attention "
+        "mask under a token budget per micro-batch (same loss and gradients as padded batches). "
+        "Unset: padded batches of batchSize pairs.",
+    )
     logging_steps: int = Field(10, ge=1, description="Log and export metrics every N steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and at the end).")
     eval_on_start: bool = Field(False, description="Also evaluate before the first step (the baseline).")
@@ -240,7 +277,7 @@ class CheckpointConfig(Schema):
     every_minutes: float | None = Field(None, gt=0, description="Checkpoint at least this often.")
     keep_last: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
     preemption_grace_seconds: float = Field(
-        25.0, gt=0, description="Budget after SIGTERM to finish the step and write a checkpoint."
+        25.0, gt=0, le=3600, description="Budget after SIGTERM to finish the step and write a checkpoint."
     )
 
 

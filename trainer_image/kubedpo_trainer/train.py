@@ -30,6 +30,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_cfg
 from . import storage
 from .config import TrainerConfig
+from .console import resolve_log_format
 from .data.stream import PreferenceStream
 from .errors import InputError, Preempted
 from .evaluate import evaluate
@@ -38,8 +39,10 @@ from .forward import concatenated_forward, dpo_metrics, logit_totals, logits_fro
 from .losses import LossInputs, beta_at, compute_loss
 from .metrics import TrainerMetrics
 from .models import load_models, load_tokenizer
+from .packed_step import train_step_packed
 from .progress import StepLogger
-from .reference import Reference, precompute
+from .reference import Reference
+from .reference_cache import precompute
 from .sharded_checkpoint import load_sharded, save_sharded
 from .signals import StopRequest
 
@@ -71,8 +74,8 @@ class Trainer:
         _log_distributed_type(self.acc, dist_cfg.wants_fsdp(cfg))
         dist_cfg.settle_loading_env(cfg, self.fsdp)
         set_seed(t.seed)
-        if not sys.stderr.isatty():
-            hf_logging.disable_progress_bar()  # pod logs get the JSON lines, not progress bars
+        if not sys.stderr.isatty() or resolve_log_format() == "rich":
+            hf_logging.disable_progress_bar()  # pods get JSON lines; a terminal gets our one display
         storage.configure(cfg.s3)
         self.metrics = TrainerMetrics(
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
@@ -216,6 +219,8 @@ class Trainer:
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over `gradientAccumulationSteps` micro-batches."""
         t = self.cfg.training
+        if t.packing is not None:
+            return train_step_packed(self, batches)
         beta = beta_at(self.step, self.total_steps, t)
         sums: dict[str, float] = {}
         logits: list[torch.Tensor] = []
@@ -322,6 +327,7 @@ class Trainer:
                    "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire(),
                    "timing": {"step_seconds": self.step_times, "peak_memory_bytes": peak_memory_bytes()},
                    "memory": self.memory}
+        self.log.finish(summary, self.cfg.output.uri)  # the curves PNG, before the output's marker
         self._export(summary)
         self.log.close()
         return summary
