@@ -28,6 +28,7 @@ from .failures import ChildRequestError, record_failure, record_success, retry_d
 from .kube import Kube
 from .metrics import OperatorMetrics
 from .ownership import ForeignChild, owned_by, owned_jobs, selector
+from .planning import memory_condition
 from .scrape import read_progress
 from .settings import OperatorSettings
 from .status import (
@@ -220,8 +221,13 @@ def reconcile(body: kopf.Body, name: str, namespace: str, uid: str, meta: kopf.M
                 return
             if not status.get("phase"):
                 status = _first_status(memo, namespace, name, uid, meta.get("generation"), spec.workers)
+                plan = memory_condition(spec, status["startTime"], memo.settings.memory_plan_timeout_s)
+                if plan is not None:
+                    status["conditions"].append(plan)
                 memo.kube.patch_dpojob_status(namespace, name, status)
                 _event(dict(body), False, status["conditions"][0]["reason"], status["message"])
+                if plan is not None and plan["status"] == "False":
+                    _event(dict(body), True, "MemoryPlan", plan["message"])
             memo.metrics.observe_phase(namespace, name, status["phase"])
             try:
                 ensure_attempt(memo, namespace, name, uid, spec, int(status.get("attempt") or 0),
