@@ -152,7 +152,7 @@ def worker_kubedpo(a: dict[str, Any]) -> dict[str, Any]:
         "training": {"loss": "sigmoid", "beta": BETA, "batchSize": a["batch"], "maxSteps": a["steps"],
                      "learningRate": LR, "lrScheduler": "constant", "warmupRatio": 0.0, "weightDecay": 0.0,
                      "maxGradNorm": MAX_GRAD_NORM, "loggingSteps": 1, "seed": SEED,
-                     "mixedPrecision": "bf16" if a["bf16"] else "no", "gradientCheckpointing": False,
+                     "precision": "bf16" if a["bf16"] else "fp32", "gradientCheckpointing": False,
                      "referenceLogps": "live"},
         "output": {"uri": str(root / "out")},
         "metrics": {"port": 0},

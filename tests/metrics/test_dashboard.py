@@ -107,9 +107,10 @@ def _play_training(metrics: TrainerMetrics, stop: threading.Event) -> None:
                   "logits_chosen": -1.5, "logits_rejected": -1.7, "grad_norm": 1.0 / step,
                   "learning_rate": 5e-7, "beta": 0.1, "epoch": step / 1000, "step": step,
                   "total_steps": 1000, "tokens_per_second": 1234.0, "eta_seconds": 1000 - step,
-                  "last_checkpoint_step": step - step % 10, "gpu_memory_bytes": 7.5e9}
+                  "last_checkpoint_step": step - step % 10}
         values.update({f"eval_{k}": v for k, v in values.items() if f"eval_{k}" in TRAIN_GAUGES})
         metrics.set(values)
+        metrics.set_gpu_memory({"allocated": 7.5e9, "reserved": 8.0e9})
         metrics.inc("samples", 8)
         metrics.inc("tokens", 1024)
         if step % 3 == 0:

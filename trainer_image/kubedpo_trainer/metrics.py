@@ -39,8 +39,9 @@ TRAIN_GAUGES = (
     "tokens_per_second",
     "eta_seconds",
     "last_checkpoint_step",
-    "gpu_memory_bytes",
 )
+GPU_MEMORY = "gpu_memory_bytes"  # labelled kind=allocated|reserved besides job/namespace/rank
+GPU_MEMORY_KINDS = ("allocated", "reserved")
 COUNTERS = {
     "samples": "Preference pairs trained on (this rank).",
     "tokens": "Non-padding tokens processed (this rank).",
@@ -77,6 +78,9 @@ class TrainerMetrics:
             for n, (doc, b) in HISTOGRAMS.items()
         }
         self._counted: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
+        gpu = Gauge(PREFIX + GPU_MEMORY, "Peak GPU memory of the fullest rank, bytes (kind: allocated by "
+                    "tensors, reserved by the caching allocator).", (*LABELS, "kind"), registry=self.registry)
+        self._gpu_memory = {k: gpu.labels(**self._labels, kind=k) for k in GPU_MEMORY_KINDS}
 
     def set(self, values: Mapping[str, float]) -> None:
         """Set gauges by name; names that are not gauges are ignored (logs may carry more)."""
@@ -84,6 +88,11 @@ class TrainerMetrics:
             gauge = self._gauges.get(name)
             if gauge is not None:
                 gauge.set(float(value))
+
+    def set_gpu_memory(self, peaks: Mapping[str, float]) -> None:
+        """`kubedpo_gpu_memory_bytes{kind=...}` from `gpu_memory.max_over_ranks`."""
+        for kind, value in peaks.items():
+            self._gpu_memory[kind].set(float(value))
 
     def inc(self, name: str, amount: float = 1.0) -> None:
         if amount:
