@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install lint crd tools test demo bench clean lock
 
@@ -38,8 +39,9 @@ tools:
 test: lint tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# On a terminal: a live progress display; piped: the pods' JSON lines. DEMO_ARGS="--dir /tmp/d" to move it.
 demo: install
-	$(PY) -m kubedpo_trainer.demo
+	$(PY) -m kubedpo_trainer.demo $(DEMO_ARGS)
 
 bench: install
 	$(PY) bench/run_all.py

@@ -2,8 +2,11 @@
 
 Layout of one checkpoint (DESIGN.md):
     <checkpoint.uri>/step-000500/
-        model.safetensors | adapter_model.safetensors   trainable weights (LoRA: the adapter only)
-        optimizer.pt, scheduler.pt, trainer_state.json  rank 0 (under FSDP: optimizer-rank<r>.pt, every rank)
+        model.safetensors | adapter_model.safetensors   trainable weights (LoRA: the adapter only), rank 0
+        optimizer.pt                                    rank 0
+        sharded/                                        instead of the two above under FSDP: every rank's
+                                                        shards of both (sharded_checkpoint.py, DCP)
+        scheduler.pt, trainer_state.json                rank 0
         rng-rank<r>.pt, data-rank<r>.json              every rank (its RNG and exact stream position)
         rank-<r>.done                                  rank r's files are all uploaded
         COMPLETE                                       written last, by rank 0, after every rank-<r>.done
@@ -36,6 +39,7 @@ from .errors import InputError, StorageError
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+SHARDED_DIR = "sharded"  # under FSDP: model + optimizer shards as a torch.distributed.checkpoint folder
 _STEP_RE = re.compile(r"step-(\d+)/COMPLETE$")
 _ANY_STEP_RE = re.compile(r"step-(\d+)/")
 
@@ -109,55 +113,19 @@ def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(state, str(path))
 
 
-def load_trainable_state(model: torch.nn.Module, path: Path, sharded: bool = False) -> None:
-    """`sharded`: `model` is FSDP-wrapped; each rank keeps its shard of the full weights in `path`."""
+def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
     state = load_file(str(path))
     if _is_peft(model):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, state)
         return
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        missing, unexpected = set_model_state_dict(
-            model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     real_missing = [k for k in missing if k not in tied]
     if real_missing or unexpected:
         raise InputError(f"{path}: checkpoint does not match the model: missing {real_missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-
-
-def _to_local(value: Any) -> Any:
-    return value.to_local() if hasattr(value, "to_local") else value
-
-
-def sharded_optimizer_state(optimizer: Any) -> dict[str, Any]:
-    """This rank's optimizer state under FSDP: FSDP2's DTensor shards as plain local tensors
-    (no device mesh pickled); FSDP1's flat shards are plain already."""
-    state = optimizer.state_dict()
-    return {**state, "state": {i: {k: _to_local(v) for k, v in s.items()} for i, s in state["state"].items()}}
-
-
-def load_sharded_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
-    """Inverse of `sharded_optimizer_state`: local shards become DTensors laid out like their
-    params again (same world size, same sharding), then the optimizer loads them."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for i, s in state["state"].items():
-        p = params[i]
-        if not hasattr(p, "device_mesh"):
-            continue
-        from torch.distributed.tensor import DTensor
-
-        local = p.to_local()
-        for k, v in s.items():
-            if isinstance(v, torch.Tensor) and v.shape == local.shape:
-                s[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
-                                          shape=p.shape, stride=p.stride())
-    optimizer.load_state_dict(state)
 
 
 # --- RNG ------------------------------------------------------------------------------------

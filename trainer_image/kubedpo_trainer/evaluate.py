@@ -39,7 +39,7 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, reference: Any, 
     batches: Iterable[dict[str, Any]] = stream.eval_batches(device=acc.device)
     real = None  # how many batches count; the rest only keep FSDP's collectives paired
     if acc.distributed_type == DistributedType.FSDP:
-        batches, real = _equal_batch_counts(acc, list(batches), cfg.data.eval)
+        batches, real = equal_batch_counts(acc, list(batches), cfg.data.eval)
     for i, batch in enumerate(batches):
         with acc.autocast():
             out_policy = concatenated_forward(policy, batch)
@@ -67,7 +67,7 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, reference: Any, 
     return values
 
 
-def _equal_batch_counts(acc: Accelerator, batches: list[dict[str, Any]],
+def equal_batch_counts(acc: Accelerator, batches: list[dict[str, Any]],
                         source: str) -> tuple[list[dict[str, Any]], int]:
     """This rank's eval batches padded with repeats of its last to the most any rank has, and
     how many are real (FSDP's all-gathers must pair up across ranks)."""

@@ -114,6 +114,8 @@ def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, acceler
         raise InputError(f"model {uri}: cannot load: {err}") from None
     if cfg.training.disable_dropout:
         disable_dropout(model)
+    if any(p.is_meta for p in model.parameters()):
+        return model  # FSDP memory-efficient loading: this rank gets its shards by broadcast
     return model.to(device)
 
 
@@ -148,13 +150,14 @@ def load_policy(cfg: TrainerConfig, device: torch.device | str, accelerator: Any
         # Non-reentrant checkpointing works with frozen inputs and DDP; the KV cache is useless
         # (and wasteful) while training.
         model.config.use_cache = False
-        enable_activation_checkpointing(model)
+        if cfg.training.distributed.strategy != "fsdp":  # FSDP2 wraps each layer itself (distributed.py)
+            enable_activation_checkpointing(model)
     if cfg.model.lora is None:
         model.train()
         return model
     from peft import get_peft_model
 
-    if cfg.training.gradient_checkpointing:
+    if cfg.training.gradient_checkpointing and cfg.training.distributed.strategy != "fsdp":
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=plan.upcast_lora_adapters)
     model.train()
@@ -274,12 +277,19 @@ class PolicyAndReference:
 
 
 def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.device | str | None = None,
-                plan: PrecisionPlan | None = None):
-    """Policy and reference on `accelerator.device` (or `device`, default CPU), in `plan`'s dtypes."""
+                plan: PrecisionPlan | None = None,
+                prepare_reference: Callable[[nn.Module], nn.Module] | None = None):
+    """Policy and reference on `accelerator.device` (or `device`, default CPU), in `plan`'s dtypes.
+
+    The reference is loaded first and handed to `prepare_reference` (FSDP: shard it) before the
+    policy is read, so a rank never holds two full copies at once.
+    """
     dev = torch.device(device if device is not None else (accelerator.device if accelerator else "cpu"))
     plan = plan or plan_precision(cfg.training.precision, cfg.model.dtype, dev)
-    policy = load_policy(cfg, dev, accelerator, plan)
     reference = load_reference(cfg, dev, accelerator, plan)
+    if reference is not None and prepare_reference is not None:
+        reference = prepare_reference(reference)
+    policy = load_policy(cfg, dev, accelerator, plan)
     unwrap = accelerator.unwrap_model if accelerator is not None else _follow_module
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in policy.parameters())

@@ -133,6 +133,21 @@ class S3Client:
                 key += "/"
             return [(f"s3://{bucket}/{k}", size) for k, size in self._keys(bucket, key)]
 
+    def versions(self, uri: str) -> list[tuple[str, int, str]]:
+        """(uri, size, ETag) of the object `uri` itself, or of every object in the folder `uri`."""
+        bucket, key = split(uri)
+        folder = not key or key.endswith("/")
+        out: list[tuple[str, int, str]] = []
+        with self.errors(uri):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                for o in page.get("Contents", []):
+                    k = o["Key"]
+                    mine = k == key or (folder and not k.endswith("/")) or k.startswith(key + "/")
+                    if mine:
+                        out.append((f"s3://{bucket}/{k}", int(o["Size"]), str(o.get("ETag", ""))))
+        exact = [v for v in out if v[0] == uri]
+        return exact or sorted(out)
+
     def _keys(self, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for o in page.get("Contents", []):

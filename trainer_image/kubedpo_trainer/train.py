@@ -27,8 +27,10 @@ from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
+from . import distributed as dist_cfg
 from . import storage
 from .config import TrainerConfig
+from .console import resolve_log_format
 from .data.stream import PreferenceStream
 from .errors import InputError, Preempted
 from .evaluate import evaluate
@@ -38,9 +40,12 @@ from .gpu_memory import cuda_memory_reader, max_over_ranks
 from .losses import LossInputs, beta_at, compute_loss
 from .metrics import TrainerMetrics
 from .models import load_models, load_tokenizer
+from .packed_step import train_step_packed
 from .precision import plan_precision
 from .progress import StepLogger
-from .reference import Reference, precompute
+from .reference import Reference
+from .reference_cache import precompute
+from .sharded_checkpoint import load_sharded, save_sharded
 from .signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -67,13 +72,15 @@ class Trainer:
             cpu=device == "cpu",
             mixed_precision=self.precision.accelerate_mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
+            fsdp_plugin=dist_cfg.fsdp_plugin(cfg),
         )
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
-        _log_distributed_type(self.acc)
+        _log_distributed_type(self.acc, dist_cfg.wants_fsdp(cfg))
+        dist_cfg.settle_loading_env(cfg, self.fsdp)
         set_seed(t.seed)
-        if not sys.stderr.isatty():
-            hf_logging.disable_progress_bar()  # pod logs get the JSON lines, not progress bars
+        if not sys.stderr.isatty() or resolve_log_format() == "rich":
+            hf_logging.disable_progress_bar()  # pods get JSON lines; a terminal gets our one display
         storage.configure(cfg.s3)
         self.metrics = TrainerMetrics(
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
@@ -85,7 +92,9 @@ class Trainer:
             log.info("metrics on :%d/metrics", self.metrics_port)
         self.memory_reader = cuda_memory_reader(device)
         self.tokenizer = load_tokenizer(cfg, self.acc)
-        self.models = load_models(cfg, self.acc, plan=self.precision)
+        rss_before = dist_cfg.host_rss_bytes()
+        self.models = load_models(cfg, self.acc, plan=self.precision, prepare_reference=(
+            (lambda m: dist_cfg.shard_reference(self.acc, m)) if self.fsdp else None))
         self.reference = (precompute(cfg, self.acc, self.models, self.tokenizer)
                           if t.reference_logps == "precompute" else Reference(self.models))
         # FSDP1 flattens the parameters: the optimizer must see the wrapped model's. FSDP2 (and
@@ -112,6 +121,7 @@ class Trainer:
             self.optimizer = self.acc.prepare(self.optimizer)
         else:
             self.models.policy, self.optimizer = self.acc.prepare(self.models.policy, self.optimizer)
+        self.memory = self._memory_per_rank(rss_before)
         self.writer = None
         if cfg.checkpoint.uri:
             self.writer = ckpt.CheckpointWriter(
@@ -149,12 +159,10 @@ class Trainer:
                 "resume needs the same number of ranks"
             )
         model = self.acc.unwrap_model(self.models.policy)
-        if self.fsdp:  # every rank reads the full weights and keeps its shard; its own optimizer shard
-            ckpt.load_trainable_state(self.models.policy, local / ckpt.weights_file(model), sharded=True)
-            opt_file = local / f"optimizer-rank{self.rank}.pt"
-            if not opt_file.exists():
-                raise InputError(f"{uri}: no {opt_file.name}: written without FSDP, resume it without FSDP")
-            ckpt.load_sharded_optimizer_state(self.optimizer, torch.load(opt_file, weights_only=False))
+        if self.fsdp:  # each rank reads the pieces of its own shards, whoever wrote them
+            if not (local / ckpt.SHARDED_DIR).is_dir():
+                raise InputError(f"{uri}: no {ckpt.SHARDED_DIR}/: written without FSDP, resume it without FSDP")
+            load_sharded(self.models.policy, self.optimizer, local / ckpt.SHARDED_DIR)
         else:
             if not (local / "optimizer.pt").exists():
                 raise InputError(f"{uri}: no optimizer.pt: written under FSDP, resume it under FSDP")
@@ -172,15 +180,15 @@ class Trainer:
             f"rng-rank{self.rank}.pt": _torch_writer(ckpt.rng_state()),
             f"data-rank{self.rank}.json": _json_writer(self.train_stream.state_dict()),
         }
-        # FSDP: gathering the full weights is a collective (every rank, rank 0 gets them) and each
-        # rank writes its own optimizer shard.
-        full = self.acc.get_state_dict(self.models.policy) if self.fsdp else None
+        # FSDP: every rank writes its own shards of weights and optimizer state (DCP, a collective
+        # run by the writer on this thread); nothing is gathered.
         if self.fsdp:
-            files[f"optimizer-rank{self.rank}.pt"] = _torch_writer(ckpt.sharded_optimizer_state(self.optimizer))
+            policy, optimizer = self.models.policy, self.optimizer
+            files[ckpt.SHARDED_DIR] = lambda p: save_sharded(policy, optimizer, p)
         if self.rank == 0:
-            weights = ckpt.trainable_state(model, full)
-            files[ckpt.weights_file(model)] = lambda p: ckpt.save_trainable_state(weights, p)
             if not self.fsdp:
+                weights = ckpt.trainable_state(model)
+                files[ckpt.weights_file(model)] = lambda p: ckpt.save_trainable_state(weights, p)
                 files["optimizer.pt"] = _torch_writer(self.optimizer.state_dict())
             files["scheduler.pt"] = _torch_writer(self.scheduler.state_dict())
             files["trainer_state.json"] = _json_writer(
@@ -223,11 +231,13 @@ class Trainer:
         are no measurement. The scheduler still advances: the schedule follows the step count.
         """
         t = self.cfg.training
-        beta = beta_at(self.step, self.total_steps, t)
         real = [int((b["weight"] > 0).sum()) for b in batches]  # pairs that count, per micro-batch
         if self._sum_over_ranks(float(sum(real))) == 0:
             self.scheduler.step()
             return None
+        if t.packing is not None:
+            return train_step_packed(self, batches)
+        beta = beta_at(self.step, self.total_steps, t)
         sums: dict[str, float] = {}
         logits: list[torch.Tensor] = []
         grad_norm = float("nan")
@@ -345,10 +355,26 @@ class Trainer:
                    "eval_at_start": eval_start, "data": self._data_totals(),
                    "storage": {"s3_retries": self._sum_over_ranks(float(storage.retry_count()))},
                    "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire(),
-                   "timing": {"step_seconds": self.step_times, "peak_memory_bytes": peak_memory_bytes()}}
+                   "timing": {"step_seconds": self.step_times, "peak_memory_bytes": peak_memory_bytes()},
+                   "memory": self.memory}
+        self.log.finish(summary, self.cfg.output.uri)  # the curves PNG, before the output's marker
         self._export(summary)
         self.log.close()
         return summary
+
+    def _memory_per_rank(self, rss_before: int) -> dict[str, Any]:
+        """Per-rank bytes of policy and reference parameters held locally (FSDP: shards) and host
+        RSS growth while loading, gathered to every rank: what sharding and rank-0 loading save."""
+        ref = self.models.reference
+        mine = [dist_cfg.local_bytes(self.models.policy), dist_cfg.local_bytes(ref),
+                dist_cfg.host_rss_bytes() - rss_before, dist_cfg.peak_rss_bytes() - rss_before]
+        rows = self.acc.gather(torch.tensor([mine], dtype=torch.float64, device=self.acc.device)).tolist()
+        keys = ("policy_local_bytes", "reference_local_bytes", "load_rss_growth_bytes", "load_peak_rss_growth_bytes")
+        out: dict[str, Any] = {k: [int(r[i]) for r in rows] for i, k in enumerate(keys)}
+        out["policy_full_bytes"] = dist_cfg.full_bytes(self.models.policy)
+        out["reference_full_bytes"] = dist_cfg.full_bytes(ref)
+        log.info("memory per rank: %s", json.dumps(out))
+        return out
 
     def _sum_over_ranks(self, value: float) -> int:
         t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
@@ -392,7 +418,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _log_distributed_type(acc: Accelerator) -> None:
+def _log_distributed_type(acc: Accelerator, spec_fsdp: bool = False) -> None:
     """Say which parallelism accelerate chose; warn when FSDP was asked for and not granted.
 
     accelerate (1.15) turns `ACCELERATE_USE_FSDP`/`accelerate launch --use_fsdp` into FSDP only on
@@ -403,7 +429,10 @@ def _log_distributed_type(acc: Accelerator) -> None:
         log.info("distributed: FSDP%d over %d processes", 2 if acc.is_fsdp2 else 1, acc.num_processes)
     else:
         log.info("distributed: %s over %d processes", kind.value, acc.num_processes)
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if spec_fsdp:
+            log.warning("training.distributed.strategy is fsdp but accelerate runs %s: it enables FSDP only on "
+                        "GPU-type devices; training continues with replicated weights", kind.value)
+        elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             log.warning("FSDP was requested (ACCELERATE_USE_FSDP) but accelerate runs %s: it enables FSDP "
                         "only on GPU-type devices; training continues with replicated weights", kind.value)
 
