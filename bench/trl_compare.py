@@ -163,7 +163,7 @@ def worker_kubedpo(a: dict[str, Any]) -> dict[str, Any]:
     training: dict[str, Any] = {
         "loss": "sigmoid", "beta": BETA, "batchSize": a["batch"], "maxSteps": a["steps"], "learningRate": LR,
         "lrScheduler": "constant", "warmupRatio": 0.0, "weightDecay": 0.0, "maxGradNorm": MAX_GRAD_NORM,
-        "loggingSteps": 1, "seed": SEED, "mixedPrecision": "bf16" if a["bf16"] else "no",
+        "loggingSteps": 1, "seed": SEED, "precision": "bf16" if a["bf16"] else "fp32",
         "gradientCheckpointing": False, "referenceLogps": "precompute" if a["precompute"] else "live"}
     if a["max_tokens"]:
         training["packing"] = {"maxTokens": a["max_tokens"], "sharePrompt": True}

@@ -133,7 +133,8 @@ ROWS: tuple[RowSpec, ...] = (
                      (m("truncated_responses_total"), "{{dpojob}} responses truncated"))),
     )),
     RowSpec("GPU", (
-        PanelSpec("GPU memory (rank 0, peak)", "timeseries", _q((m("gpu_memory_bytes"), "{{dpojob}}")),
+        PanelSpec("GPU memory (fullest rank, peak)", "timeseries",
+                  _q((m("gpu_memory_bytes"), "{{dpojob}} {{kind}}")),
                   unit="bytes", width=12, optional="set on GPU only (a CPU run has no GPU memory)"),
         PanelSpec("GPU utilisation (DCGM exporter)", "timeseries",
                   _q(('avg by (pod) (DCGM_FI_DEV_GPU_UTIL{namespace=~"$namespace", pod=~"$dpojob-.*"})',

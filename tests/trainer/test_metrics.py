@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import urllib.request
 
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubedpo_trainer.gpu_memory import cuda_memory_reader, max_over_ranks
 from kubedpo_trainer.metrics import COUNTERS, HISTOGRAMS, LAZY_GAUGES, TRAIN_GAUGES, TrainerMetrics
 
 
@@ -56,3 +58,23 @@ def test_eval_and_checkpoint_gauges_do_not_exist_until_set() -> None:
     got = _scrape(port)
     assert got["kubedpo_eval_rewards_accuracies"] == 0.0 and got["kubedpo_last_checkpoint_step"] == 50
     assert "kubedpo_eval_loss" not in got  # only what was set
+    assert "kubedpo_gpu_memory_bytes" not in got  # GPU only: no series on a CPU run
+
+
+def test_gpu_memory_is_the_fullest_rank_allocated_and_reserved() -> None:
+    """`kubedpo_gpu_memory_bytes` used to be declared and never set. No GPU here: the CUDA reader
+    is replaced by one per simulated rank, and the gather by what a 2-rank all-gather returns;
+    everything from the readings to the served gauge is the trainer's code."""
+    readings = {0: (3.0e9, 4.0e9), 1: (5.0e9, 4.5e9)}  # rank 1 peaks higher in both
+    gathered = torch.tensor([*readings[0], *readings[1]], dtype=torch.float64)
+    m = TrainerMetrics(job="j1", namespace="ns", rank=0)
+    m.set_gpu_memory(max_over_ranks(lambda: readings[0], lambda local: gathered))
+    port = m.serve(0, addr="127.0.0.1")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    got = {s.labels["kind"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+           if s.name == "kubedpo_gpu_memory_bytes"}
+    assert got == {"allocated": 5.0e9, "reserved": 4.5e9}
+
+
+def test_no_gpu_memory_reader_without_cuda() -> None:
+    assert cuda_memory_reader("cpu") is None

@@ -42,14 +42,16 @@ TRAIN_GAUGES = (
     "eta_seconds",
     "last_checkpoint_step",
     "last_checkpoint_timestamp_seconds",
-    "gpu_memory_bytes",
     "attempt",
 )
 # Gauges that mean nothing before their event: no series until first set, so a dashboard shows
 # "no data" rather than an eval accuracy or a checkpoint step of 0 before the first one.
-# gpu_memory_bytes: set on GPU only (host memory would be another quantity under the same name).
 LAZY_GAUGES = frozenset({*(f"eval_{n}" for n in DPO_GAUGES), "last_checkpoint_step",
-                         "last_checkpoint_timestamp_seconds", "gpu_memory_bytes"})
+                         "last_checkpoint_timestamp_seconds"})
+# Labelled kind=allocated|reserved besides dpojob/namespace/rank; set on GPU only (no series on a
+# CPU run: host memory would be another quantity under the same name).
+GPU_MEMORY = "gpu_memory_bytes"
+GPU_MEMORY_KINDS = ("allocated", "reserved")
 COUNTERS = {
     "samples": "Preference pairs trained on (this rank).",
     "tokens": "Non-padding tokens processed (this rank).",
@@ -85,6 +87,8 @@ class TrainerMetrics:
             for n, (doc, b) in HISTOGRAMS.items()
         }
         self._counted: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
+        self._gpu_family = Gauge(PREFIX + GPU_MEMORY, "Peak GPU memory of the fullest rank, bytes (kind: allocated by "
+                    "tensors, reserved by the caching allocator).", (*LABELS, "kind"), registry=self.registry)
 
     def set(self, values: Mapping[str, float]) -> None:
         """Set gauges by name; names that are not gauges are ignored (logs may carry more)."""
@@ -94,6 +98,13 @@ class TrainerMetrics:
                 gauge = self._gauges[name] = self._families[name].labels(**self._labels)
             if gauge is not None:
                 gauge.set(float(value))
+
+    def set_gpu_memory(self, peaks: Mapping[str, float]) -> None:
+        """`kubedpo_gpu_memory_bytes{kind=...}` from `gpu_memory.max_over_ranks`."""
+        for kind, value in peaks.items():
+            if kind not in GPU_MEMORY_KINDS:
+                raise KeyError(f"gpu memory kind {kind!r}: expected one of {GPU_MEMORY_KINDS}")
+            self._gpu_family.labels(**self._labels, kind=kind).set(float(value))
 
     def inc(self, name: str, amount: float = 1.0) -> None:
         if amount:
