@@ -145,6 +145,9 @@ def spec_schema() -> dict[str, Any]:
                 " && has(self.model.referenceUri))",
         "message": "training.loss: simpo is reference-free; remove model.referenceUri",
     }]
+    # Bounded strings keep the CEL rules' estimated cost far below the API server's budget (an
+    # unbounded string is costed at the request size limit, and the CRD would be refused).
+    props["env"]["items"]["properties"]["name"]["maxLength"] = 256
     reserved = ", ".join(f"'{n}'" for n in RESERVED_ENV)
     props["env"]["x-kubernetes-validations"] = [{
         "rule": f"self.all(e, !(e.name in [{reserved}]) && !e.name.startsWith('{RESERVED_ENV_PREFIX}'))",
@@ -215,7 +218,9 @@ def build_crd() -> dict[str, Any]:
                     "properties": {
                         "apiVersion": {"type": "string", "description": "API version of this object."},
                         "kind": {"type": "string", "description": "DPOJob."},
-                        "metadata": {"type": "object"},
+                        # Only name/generateName may be restricted here; maxLength also bounds NAME_RULE's cost.
+                        "metadata": {"type": "object", "properties": {
+                            "name": {"type": "string", "maxLength": MAX_NAME}}},
                         "spec": spec_schema(),
                         "status": status_schema(),
                     },
@@ -248,6 +253,8 @@ def to_jsonschema(node: Any) -> Any:
         out["type"] = [out["type"], "null"]
     if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
         out["additionalProperties"] = False
+        if isinstance(out["properties"].get("metadata"), dict):  # ObjectMeta: only name is restricted
+            out["properties"]["metadata"].pop("additionalProperties", None)
     return out
 
 

@@ -164,3 +164,18 @@ def test_admission_rules_refuse_what_the_operator_refuses(change: dict[str, Any]
     with pytest.raises(SpecError) as err:
         check_manifest(doc)
     assert err.value.field == field, err.value
+
+
+def test_strings_the_rules_read_are_bounded_so_the_api_servers_cost_estimate_stays_small() -> None:
+    """The API server refuses a CRD whose rules' estimated cost is over budget, and costs an
+    unbounded string at the request-size limit: every string a rule scans has a maxLength."""
+    assert SCHEMA["properties"]["metadata"]["properties"]["name"]["maxLength"] == 52
+    spec = SCHEMA["properties"]["spec"]
+    assert spec["properties"]["env"]["items"]["properties"]["name"]["maxLength"] <= 256
+    assert spec["properties"]["env"]["maxItems"] <= 256
+    for path, rule, _ in RULES:
+        node = SCHEMA
+        for key in path:
+            node = node["properties"][key]
+        if node.get("type") == "string":
+            assert node.get("maxLength"), f"{'.'.join(path)}: {rule['rule']} scans an unbounded string"
