@@ -25,6 +25,7 @@ from .api_errors import Refused
 from .children import LABEL_ATTEMPT, LABEL_JOB, MANAGED_BY, config_map_name, job_name
 from .conditions import CREATED, changed, set_condition
 from .failures import ChildRequestError, record_failure, record_success, retry_due
+from .gang import JOB_NAME_LABEL, gang_problem
 from .kube import Kube
 from .metrics import OperatorMetrics
 from .ownership import ForeignChild, owned_by, owned_jobs, selector
@@ -120,6 +121,15 @@ def _try_delete(memo: kopf.Memo, namespace: str, name: str, attempt: int) -> boo
         return False
 
 
+def _why_pending(memo: kopf.Memo, namespace: str, job: dict[str, Any]) -> JobState | None:
+    """The pods' and the Job's own account of why the gang is not running (gang.py)."""
+    name = job["metadata"]["name"]
+    pods = [p for p in memo.kube.list_pods(namespace, f"{JOB_NAME_LABEL}={name}")
+            if ((p.get("metadata") or {}).get("labels") or {}).get(JOB_NAME_LABEL) == name]
+    problem = gang_problem(pods, memo.kube.list_events(namespace, "Job", name))
+    return JobState("pending", *problem) if problem else None
+
+
 def _record_job(memo: kopf.Memo, namespace: str, name: str, status: dict[str, Any], attempt: int) -> None:
     """status.currentJob, once the attempt's Job exists: from then on, its absence is a failure."""
     if status.get("currentJob") != job_name(name, attempt):
@@ -175,6 +185,8 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
             state = JobState("failed", "JobDeleted", f"the Job of attempt {attempt} was deleted outside kubedpo")
         else:
             state = job_state(job)
+            if state.kind == "pending" and not spec.run_policy.suspend:
+                state = _why_pending(memo, namespace, job) or state
             want = desired_suspend(spec.run_policy)
             if want is not None and state.kind not in ("succeeded", "failed") and \
                     bool((job.get("spec") or {}).get("suspend")) != want:

@@ -36,6 +36,7 @@ PATHS = {
     "Service": f"/api/v1/namespaces/{NS}/services",
     "ConfigMap": f"/api/v1/namespaces/{NS}/configmaps",
     "Event": f"/api/v1/namespaces/{NS}/events",
+    "Pod": f"/api/v1/namespaces/{NS}/pods",
     "Secret": f"/api/v1/namespaces/{NS}/secrets",
 }
 VERBS = ["list", "watch", "get", "create", "patch", "update", "delete"]
@@ -181,9 +182,14 @@ class FakeCluster:
         assert code == 200, out
 
     async def set_job(self, name: str, *, active: int = 0, succeeded: int = 0, failed: int = 0,
-                      condition: str | None = None, reason: str = "", message: str = "") -> None:
-        """Play the Job controller: write what it would write into a Job's status."""
-        st: dict[str, Any] = {"active": active, "succeeded": succeeded, "failed": failed}
+                      condition: str | None = None, reason: str = "", message: str = "",
+                      ready: int | None = None) -> None:
+        """Play the Job controller: write what it would write into a Job's status.
+
+        `ready` (pods running and ready) defaults to `active`: the pods started and run.
+        """
+        st: dict[str, Any] = {"active": active, "succeeded": succeeded, "failed": failed,
+                              "ready": active if ready is None else ready}
         if condition:
             st["conditions"] = [{"type": condition, "status": "True", "reason": reason, "message": message}]
         await self.patch("Job", name, {"status": st}, status=True)
@@ -229,6 +235,7 @@ def cluster(kmock: Any) -> FakeCluster:
     res["v1/services"] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS)
     res["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS)
     res["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS)
+    res["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True, verbs=VERBS)
     res["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True, verbs=VERBS)
     res["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS)  # kopf waits for it
     return FakeCluster(kmock)
