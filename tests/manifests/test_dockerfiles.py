@@ -144,16 +144,19 @@ def test_operator_image_excludes_the_trainer_extra_and_torch() -> None:
     assert runtime.args_of("ENTRYPOINT") == ['["kubedpo"]'] and runtime.args_of("CMD") == ['["operator"]']
 
 
-def test_trainer_image_pins_cuda_torch_and_matches_the_operator_pods() -> None:
+def test_trainer_image_pins_torch_and_matches_the_tests_and_the_operator_pods() -> None:
     stages = parse(TRAINER)
-    assert stages[0].base.startswith("nvidia/cuda:") and stages[-1].base == stages[0].base
+    # The tests' Python (CI runs 3.11), no second CUDA: torch's CUDA wheels carry the libraries.
+    assert stages[0].base.startswith("python:3.11-") and stages[-1].base == stages[0].base
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" == "3.11", "CI and the image must agree"
     torch_installs = [a for a in pip_installs(stages) if any(x.startswith("torch==") for x in a)]
     assert torch_installs, "torch must be installed pinned, before the project"
     text = TRAINER.read_text()
     pinned = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1)
     constraints = (ROOT / "requirements" / "constraints.txt").read_text()
-    assert f"torch=={pinned}\n" in constraints, "the CUDA wheel must be the version the tests ran"
-    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+$", text, re.M)
+    assert f"torch=={pinned}\n" in constraints, "the image's torch must be the version the tests ran"
+    assert re.search(r"^ARG TORCH_VARIANT=cu\d+$", text, re.M), "the default image is the CUDA one"
+    assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in text  # --build-arg TORCH_VARIANT=cpu: CPU image
     project = next(a for a in pip_installs(stages) if any(x.startswith(".") for x in a))
     assert ".[trainer]" in project
     runtime = stages[-1]
