@@ -36,7 +36,10 @@ SECTION_DOCS = {
 }
 KEEP = ("type", "description", "default", "enum", "minimum", "maximum", "minLength", "maxLength",
         "pattern", "minItems", "maxItems", "format")
-IMMUTABLE = ("model", "data", "training", "workers")
+IMMUTABLE = ("model", "data")
+# workers may change (the gang restarts, rescale.py), and with it the per-rank batch split, so that
+# the global batch batchSize x gradientAccumulationSteps x workers (which exact resume needs) can stay.
+RESCALABLE = ("batchSize", "gradientAccumulationSteps")
 
 
 def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +128,14 @@ def spec_schema() -> dict[str, Any]:
             "rule": "self == oldSelf",
             "message": f"{field} is immutable: checkpoints of this run assume it; create a new DPOJob",
         })
+    fixed = [f for f in props["training"]["properties"] if f not in RESCALABLE]
+    props["training"].setdefault("x-kubernetes-validations", []).append({
+        "rule": " && ".join(f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})"
+                            for f in fixed),
+        "message": "training is immutable except batchSize and gradientAccumulationSteps (change them with "
+                   "workers so that batchSize x gradientAccumulationSteps x workers stays the same); "
+                   "create a new DPOJob",
+    })
     props["checkpoint"]["x-kubernetes-validations"] = [{
         "rule": "!(has(self.everySteps) || has(self.everyMinutes)) || has(self.uri)",
         "message": "checkpoint.uri is required when everySteps/everyMinutes is set",

@@ -67,6 +67,11 @@ class Kube:
                 return None
             raise
 
+    def list_jobs(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """Jobs matching a selector (callers re-check labels and owner: never trust a list blindly)."""
+        resp = self.batch.list_namespaced_job(namespace, label_selector=label_selector, _preload_content=False)
+        return list(_raw(resp).get("items") or [])
+
     def create(self, obj: dict[str, Any]) -> bool:
         """Create unless it exists (409 → False): a second operator racing us is not an error."""
         ns = obj["metadata"]["namespace"]

@@ -25,7 +25,7 @@ from typing import Any
 from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED
 
 from .api import FINISHED_PHASES, PHASES, RunPolicy
-from .children import RULE_CONFIG, RULE_PREEMPTED
+from .children import RULE_CONFIG, RULE_PREEMPTED, job_name
 
 _RULE_RE = re.compile(r"exit code (\d+) matching FailJob rule at index (\d+)")
 
@@ -169,6 +169,7 @@ def status_patch(status: Mapping[str, Any], t: Transition, now: str, output_uri:
     }
     if t.restart:
         patch["attempt"] = int(status.get("attempt") or 0) + 1
+        patch["currentJob"] = None  # set again once the next attempt's Job exists
         if t.counted:
             patch["restarts"] = int(status.get("restarts") or 0) + 1
         else:
@@ -206,3 +207,22 @@ def ttl_expired(status: Mapping[str, Any], policy: RunPolicy, now: datetime) -> 
         return False
     done = parse_time(status.get("completionTime"))
     return done is not None and (now - done).total_seconds() >= policy.ttl_seconds_after_finished
+
+
+def rediscovered_status(name: str, generation: int | None, now: str, attempt: int, start_time: str | None) -> dict[str, Any]:
+    """Status rebuilt from the children when it was lost (e.g. a restore without status).
+
+    The live attempt is kept (never a new attempt 0 next to it); the attempts before it are
+    counted as restarts, the conservative reading (maxRestarts is never exceeded by the loss).
+    """
+    t = Transition("Pending", "StatusRediscovered", f"status was lost: attempt {attempt} rediscovered from "
+                   f"its Job; its {attempt} earlier attempts are counted as restarts")
+    return {"attempt": attempt, "restarts": attempt, "preemptions": 0, "startTime": start_time or now,
+            "observedGeneration": generation, "currentJob": job_name(name, attempt), **status_patch({}, t, now)}
+
+
+def desired_suspend(policy: RunPolicy) -> bool | None:
+    """What the Job's spec.suspend must be; None where Kueue decides (queued and not user-suspended)."""
+    if policy.suspend:
+        return True
+    return None if policy.queue_name else False

@@ -63,12 +63,21 @@ class Emulator(kmock.KubernetesEmulator):
     # Answer-before-storing hooks: kmock's reactions override the response but still store the
     # object, which is not what a real API server does with a request it refuses (422, 429...).
     refusals: list[Callable[[Any], Any]] = attrs.field(factory=list, init=False)
+    # Faults that act before the emulator applies a request: each returns the error to answer
+    # with, a delay in seconds (the request is applied after it, so others can overtake it), or None.
+    faults: list[Callable[[Any], Exception | float | None]] = attrs.field(factory=list, init=False)
 
     async def _handle(self, request: Any) -> Any:
         for refuse in self.refusals:
             response = refuse(request)
             if response is not None:
                 return response
+        for fault in self.faults:
+            outcome = fault(request)
+            if isinstance(outcome, Exception):
+                raise outcome
+            if outcome is not None:
+                await asyncio.sleep(outcome)
         if request.resource is not None and isinstance(request.data, dict | list):
             self._rv += 1
             rv = str(self._rv)

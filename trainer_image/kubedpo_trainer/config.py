@@ -128,9 +128,22 @@ class DataConfig(Schema):
         "next to the response (TRL's keep_end). Responses are always cut at the right.",
     )
     shuffle_buffer: int = Field(
-        1000, ge=1, description="Rows held in the streaming shuffle buffer (bounds memory)."
+        1000, ge=1, description="Rows of the window shuffled together after the block shuffle (the "
+        "global order's fine shuffle; only its permutation is held in memory)."
     )
-    seed: int = Field(42, description="Seed of shard order and buffer shuffling.")
+    block_rows: int = Field(
+        256, ge=1, description="Rows per block of the global order's coarse shuffle (blocks of "
+        "consecutive rows of one shard are permuted each epoch)."
+    )
+    seed: int = Field(42, description="Seed of the block permutation and the window shuffle.")
+    index_uri: str | None = Field(
+        None, description="Prefix of the shard index (rows and row offsets, built once per data "
+        "version). Default: <checkpoint.uri>/data-index/, or a node-local cache without a checkpoint URI."
+    )
+    on_data_change: Literal["fail", "newEpoch"] = Field(
+        "fail", description="A shard changed (new ETag or size), added or removed since the checkpoint: "
+        "fail (exit 2 naming it) or newEpoch (start the next epoch on the new data, logged)."
+    )
     on_bad_record: Literal["fail", "skip"] = Field(
         "fail",
         description="fail: stop with an error naming file and line; skip: drop the row and count it "

@@ -101,7 +101,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
                                            fused=fused_adamw_ok(params))
         self.train_stream = PreferenceStream(
-            cfg.data, cfg.data.train, self.tokenizer, self.rank, self.world, t.batch_size
+            cfg.data, cfg.data.train, self.tokenizer, self.rank, self.world, t.batch_size,
+            accumulation=t.gradient_accumulation_steps, index_uri=index_uri(cfg), barrier=self.acc.wait_for_everyone,
         )
         self.total_steps = self._total_steps()
         self.scheduler = get_scheduler(
@@ -149,11 +150,9 @@ class Trainer:
         uri = ckpt.step_dir(self.cfg.checkpoint.uri, step)
         local = storage.download_dir(uri, self._scratch("kubedpo-resume-") / "step")  # lock file stays inside
         state = json.loads((local / "trainer_state.json").read_text())
-        if state["world_size"] != self.world:
-            raise InputError(
-                f"{uri}: written by {state['world_size']} ranks, this run has {self.world}; exact "
-                "resume needs the same number of ranks"
-            )
+        # Another world size is fine for the model (DDP: replicated; FSDP: DCP reshards on load); the
+        # data stream refuses it unless the global batch is unchanged.
+        old_world = state["world_size"]
         model = self.acc.unwrap_model(self.models.policy)
         if self.fsdp:  # each rank reads the pieces of its own shards, whoever wrote them
             if not (local / ckpt.SHARDED_DIR).is_dir():
@@ -165,8 +164,11 @@ class Trainer:
             ckpt.load_trainable_state(model, local / ckpt.weights_file(model))
             self.optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
-        ckpt.set_rng_state(torch.load(local / f"rng-rank{self.rank}.pt", weights_only=False))
-        self.train_stream.load_state_dict(json.loads((local / f"data-rank{self.rank}.json").read_text()))
+        if (local / f"rng-rank{self.rank}.pt").exists():  # a rank new to this world size has none
+            ckpt.set_rng_state(torch.load(local / f"rng-rank{self.rank}.pt", weights_only=False))
+        # Every old rank's data state: with another world size, counters move to rank 0.
+        self.train_stream.load_state_dict(
+            [json.loads((local / f"data-rank{r}.json").read_text()) for r in range(old_world)])
         self.step = step
         log.info("resumed from %s (step %d)", uri, step)
 
@@ -387,6 +389,13 @@ class Trainer:
             export_final(model, self.tokenizer, self.cfg, summary, state_dict=full)
             log.info("model written to %s", self.cfg.output.uri)
         self.acc.wait_for_everyone()
+
+
+def index_uri(cfg: TrainerConfig) -> str | None:
+    """Where the shard index lives: data.indexUri, else beside the checkpoints (shared by attempts)."""
+    if cfg.data.index_uri:
+        return cfg.data.index_uri
+    return storage.join(cfg.checkpoint.uri, "data-index") if cfg.checkpoint.uri else None
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
