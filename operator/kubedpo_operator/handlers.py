@@ -29,6 +29,7 @@ from .gang import JOB_NAME_LABEL, gang_problem
 from .kube import Kube
 from .metrics import OperatorMetrics
 from .ownership import ForeignChild, owned_by, owned_jobs, selector
+from .planning import memory_condition
 from .scrape import read_progress
 from .settings import OperatorSettings
 from .status import (
@@ -234,8 +235,13 @@ def reconcile(body: kopf.Body, name: str, namespace: str, uid: str, meta: kopf.M
                 return
             if not status.get("phase"):
                 status = _first_status(memo, namespace, name, uid, meta.get("generation"), spec.workers)
+                plan = memory_condition(spec, status["startTime"], memo.settings.memory_plan_timeout_s)
+                if plan is not None:
+                    status["conditions"].append(plan)
                 memo.kube.patch_dpojob_status(namespace, name, status)
                 _event(dict(body), False, status["conditions"][0]["reason"], status["message"])
+                if plan is not None and plan["status"] == "False":
+                    _event(dict(body), True, "MemoryPlan", plan["message"])
             memo.metrics.observe_phase(namespace, name, status["phase"])
             try:
                 ensure_attempt(memo, namespace, name, uid, spec, int(status.get("attempt") or 0),
@@ -356,6 +362,9 @@ def build_registry(settings: OperatorSettings, login: bool = True) -> kopf.Opera
     kopf.on.create(**DPO, registry=r, id="reconcile", backoff=backoff)(reconcile)
     kopf.on.resume(**DPO, registry=r, id="adopt", backoff=backoff)(reconcile)
     kopf.on.field(**DPO, field="spec.runPolicy.suspend", registry=r, id="suspend", backoff=backoff)(on_suspend)
+    from .rescale import on_workers  # imports this module's helpers: registered here, not at import
+
+    kopf.on.field(**DPO, field="spec.workers", registry=r, id="workers", backoff=backoff)(on_workers)
     kopf.on.delete(**DPO, registry=r, optional=True, id="forget")(on_delete)
     kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY},
                   registry=r, id="job")(on_job_event)

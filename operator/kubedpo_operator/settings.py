@@ -56,6 +56,9 @@ class OperatorSettings:
     metrics_timeout_s: float = 5.0
     """Timeout of one metrics read; a slow trainer never blocks the operator."""
 
+    memory_plan_timeout_s: float = 5.0
+    """Seconds to read a GPU job's model config.json for the MemoryPlan condition (0: no plan)."""
+
     metrics_max_bytes: int = 1048576
     """Largest /metrics body read from rank 0 (bytes); a larger one is refused with a condition.
     The trainer's own exposition is a few KiB: the cap bounds operator memory per DPOJob."""

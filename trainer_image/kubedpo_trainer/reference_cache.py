@@ -41,6 +41,7 @@ from .data.stream import PreferenceStream
 from .data.tokenize import TokenizedRow
 from .errors import InputError
 from .packed_forward import packed_forward
+from .precision import resolve_precision
 from .reference import Reference
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def cache_key(cfg: TrainerConfig, split_uri: str) -> dict[str, Any]:
         "data": {"uri": split_uri, "files": _fingerprint(split_uri)},
         "tokenization": {"format": d.format, "maxLength": d.max_length, "maxPromptLength": d.max_prompt_length,
                          "truncationSide": d.truncation_side},
-        "precision": {"dtype": m.dtype, "mixedPrecision": t.mixed_precision},
+        "precision": {"dtype": m.dtype, "precision": resolve_precision(t.precision, "cuda" if torch.cuda.is_available() else "cpu")},
     }
 
 
