@@ -341,8 +341,10 @@ def on_delete(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Progress and diff-base in annotations, so status holds only what the CRD schema declares.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubedpo.io")
+    # spec.env is left out of the diff-base: a literal value may be a secret, and the annotation
+    # (and kopf's debug log of its patch) would copy it; no handler reacts to env changes.
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubedpo.io", key="last-handled-configuration")
+        prefix="kubedpo.io", key="last-handled-configuration", ignored_fields=["spec.env"])
     # Events are only our kopf.event calls, one per transition: kopf's per-object log lines are
     # not posted (posting.loggers is False by default), which bench/operator_scale.py counts.
     settings.posting.loggers = False
