@@ -33,6 +33,7 @@ from torch import nn
 
 from . import storage
 from .config import LossType, TrainerConfig
+from .distributed import meta_model, skips_weight_read
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -116,13 +117,13 @@ def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, acceler
     path = resolve_model_source(uri, accelerator)
     dtype = resolve_dtype(cfg.model.dtype, device)
     try:
+        if skips_weight_read(accelerator):  # FSDP: rank 0's weights arrive by broadcast
+            return meta_model(path, dtype, cfg.model.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise InputError(f"model {uri}: cannot load: {err}") from None
-    if any(p.is_meta for p in model.parameters()):
-        return model  # FSDP memory-efficient loading: this rank gets its shards by broadcast
     return model.to(device)
 
 
