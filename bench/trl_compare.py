@@ -163,7 +163,7 @@ def worker_kubedpo(a: dict[str, Any]) -> dict[str, Any]:
     training: dict[str, Any] = {
         "loss": "sigmoid", "beta": BETA, "batchSize": a["batch"], "maxSteps": a["steps"], "learningRate": LR,
         "lrScheduler": "constant", "warmupRatio": 0.0, "weightDecay": 0.0, "maxGradNorm": MAX_GRAD_NORM,
-        "loggingSteps": 1, "seed": SEED, "mixedPrecision": "bf16" if a["bf16"] else "no",
+        "loggingSteps": 1, "seed": SEED, "precision": "bf16" if a["bf16"] else "fp32",
         "gradientCheckpointing": False, "referenceLogps": "precompute" if a["precompute"] else "live"}
     if a["max_tokens"]:
         training["packing"] = {"maxTokens": a["max_tokens"], "sharePrompt": True}
@@ -256,7 +256,8 @@ def worker_trl(a: dict[str, Any]) -> dict[str, Any]:
 
 def run_side(side: str, a: dict[str, Any], tag: str) -> dict[str, Any]:
     a = {**a, "root": str(Path(a["root"]) / tag)}  # fresh folders: no cache from an earlier repetition
-    env = {**os.environ, **OFFLINE, "HF_DATASETS_CACHE": str(Path(a["root"]) / "hf-datasets"),
+    threads = {"OMP_NUM_THREADS": str(a["threads"])} if a["threads"] else {}
+    env = {**os.environ, **OFFLINE, **threads, "HF_DATASETS_CACHE": str(Path(a["root"]) / "hf-datasets"),
            "KUBEDPO_CACHE_DIR": str(Path(a["root"]) / "kubedpo-cache")}
     proc = subprocess.run([sys.executable, __file__, "--worker", side, json.dumps(a)], capture_output=True,
                           text=True, env=env)
@@ -281,7 +282,8 @@ def compare(variant: str, mode: str, args: argparse.Namespace, root: Path, model
     train = write_data(root / f"data-{variant}", variant, steps * args.batch)
     a = {"root": str(root / f"{variant}-{mode}"), "model": str(model), "train": train, "batch": args.batch,
          "steps": steps, "max_length": MAX_LENGTH[variant], "bf16": args.bf16, "trl_optim": args.trl_optim,
-         "precompute": mode == "best", "max_tokens": 0 if args.kubedpo_padded else args.max_tokens}
+         "precompute": mode == "best", "max_tokens": 0 if args.kubedpo_padded else args.max_tokens,
+         "threads": args.threads}
     ours: list[dict[str, Any]] = []
     theirs: list[dict[str, Any]] = []
     for rep in range(args.reps):  # alternate, so load from other work hits both sides alike
@@ -327,6 +329,9 @@ def main() -> None:
     p.add_argument("--kubedpo-padded", action="store_true", help="kubedpo without packing.")
     p.add_argument("--trl-optim", default="adamw_torch_fused", help="TRL's optim (kubedpo uses fused AdamW).")
     p.add_argument("--bf16", action="store_true", help="bf16 weights + autocast on both sides (GPU).")
+    p.add_argument("--threads", type=int, default=1,
+                   help="OMP_NUM_THREADS of both sides (0: torch's default). On a shared box one thread "
+                   "per side avoids OpenMP barriers stalling on a descheduled sibling thread.")
     args = p.parse_args()
     if args.worker:
         side, raw = args.worker
@@ -337,7 +342,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="kubedpo-bench-trl-"))
     device = "GPU bf16" if args.bf16 else "CPU fp32"
     print(f"# Llama hidden {args.hidden}, {args.layers} layers; batch {args.batch} pairs; {device}; "
-          f"TRL optim {args.trl_optim}; {args.reps} alternating runs per side", flush=True)
+          f"TRL optim {args.trl_optim}; {args.reps} alternating runs per side; threads {args.threads or 'default'}",
+          flush=True)
     for vocab in args.vocab:
         args_v = argparse.Namespace(**{**vars(args), "vocab": vocab})
         model = build_model(root / f"model-{vocab}", args.hidden, args.layers, vocab)

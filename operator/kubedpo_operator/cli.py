@@ -114,6 +114,27 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import render
+
+    sys.stdout.write(render())
+    return 0
+
+
+def cmd_api_docs(args: argparse.Namespace) -> int:
+    from .apidocs import render
+
+    sys.stdout.write(render())
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from .alerts import render
+
+    sys.stdout.write(render())
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .local import run
 
@@ -124,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubedpo", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("crd", help="Print the DPOJob CRD YAML.").set_defaults(fn=cmd_crd)
+    sub.add_parser("dashboard", help="Print the Grafana dashboard JSON (needs the dev extra).").set_defaults(
+        fn=cmd_dashboard)
+    sub.add_parser("alerts", help="Print the Prometheus alerting rules (YAML).").set_defaults(fn=cmd_alerts)
+    sub.add_parser("api-docs", help="Print docs/api.md (the DPOJob reference, from the CRD).").set_defaults(
+        fn=cmd_api_docs)
     v = sub.add_parser("validate", help="Validate DPOJob manifests offline (exit 2 if any is invalid).")
     v.add_argument("manifests", nargs="+")
     v.add_argument("--no-plan", dest="plan", action="store_false",

@@ -67,6 +67,24 @@ class Kube:
                 return None
             raise
 
+    def list_jobs(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """Jobs matching a selector (callers re-check labels and owner: never trust a list blindly)."""
+        resp = self.batch.list_namespaced_job(namespace, label_selector=label_selector, _preload_content=False)
+        return list(_raw(resp).get("items") or [])
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        resp = self.core.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False)
+        return list(_raw(resp).get("items") or [])
+
+    def list_events(self, namespace: str, kind: str, name: str) -> list[dict[str, Any]]:
+        """Events about one object (re-filtered here: a field selector is the server's filter)."""
+        resp = self.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}",
+            _preload_content=False)
+        return [e for e in _raw(resp).get("items") or []
+                if (e.get("involvedObject") or {}).get("name") == name
+                and (e.get("involvedObject") or {}).get("kind") == kind]
+
     def create(self, obj: dict[str, Any]) -> bool:
         """Create unless it exists (409 → False): a second operator racing us is not an error."""
         ns = obj["metadata"]["namespace"]

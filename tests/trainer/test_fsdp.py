@@ -204,13 +204,15 @@ def test_fsdp_eval_with_unequal_rank_shares_matches_ddp(tiny, tmp_path: Path) ->
 
 def test_lora_under_fsdp_trains_like_ddp_and_checkpoints_the_adapter_only(tiny, tmp_path: Path) -> None:
     """The 70B example's setting: a LoRA adapter on an FSDP2-sharded frozen base (the reference is
-    that base with the adapter off). Per-step numbers equal DDP's; the DCP checkpoint holds the
-    adapter and its AdamW state only (frozen base weights are left out)."""
+    that base with the adapter off, here precomputed through the sharded forward). Per-step
+    numbers equal DDP's; the DCP checkpoint holds the adapter and its AdamW state only (frozen
+    base weights are left out)."""
     runs = {}
     for name in ("ddp", "fsdp"):
         cfg = tiny_config(tiny, tmp_path / name, data={"shuffleBuffer": 1},
                           model={"lora": {"rank": 4}},
-                          training={"maxSteps": 3, "batchSize": 4, "distributed": {"strategy": name}},
+                          training={"maxSteps": 3, "batchSize": 4, "distributed": {"strategy": name},
+                                    "referenceLogps": "precompute"},
                           checkpoint={"uri": str(tmp_path / name / "ckpt"), "everySteps": 3})
         cfg["data"].pop("eval")
         runs[name] = (run_trainer(cfg, tmp_path / name, nproc=2, torchrun=True) if name == "ddp"

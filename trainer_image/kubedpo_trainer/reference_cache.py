@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
 from . import storage
 from .config import TrainerConfig
@@ -41,6 +41,7 @@ from .data.stream import PreferenceStream
 from .data.tokenize import TokenizedRow
 from .errors import InputError
 from .packed_forward import packed_forward
+from .precision import resolve_precision
 from .reference import Reference
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def cache_key(cfg: TrainerConfig, split_uri: str) -> dict[str, Any]:
         "data": {"uri": split_uri, "files": _fingerprint(split_uri)},
         "tokenization": {"format": d.format, "maxLength": d.max_length, "maxPromptLength": d.max_prompt_length,
                          "truncationSide": d.truncation_side},
-        "precision": {"dtype": m.dtype, "mixedPrecision": t.mixed_precision},
+        "precision": {"dtype": m.dtype, "precision": resolve_precision(t.precision, "cuda" if torch.cuda.is_available() else "cpu")},
     }
 
 
@@ -156,6 +157,25 @@ def _split_rows(cfg: TrainerConfig, acc: Accelerator, tokenizer: Any, uri: str, 
         yield from rows_from_batch(batch)
 
 
+def _run_or_defer(cfg: TrainerConfig, acc: Accelerator, models: Any, group: list[TokenizedRow], pad: int,
+                  writer: _PartWriter, deferred: list[list[TokenizedRow]] | None) -> None:
+    if deferred is None:
+        writer.add(_forward(cfg, acc, models, group, pad))
+    else:
+        deferred.append(list(group))
+
+
+def _equal_group_counts(acc: Accelerator, groups: list[list[TokenizedRow]], first: TokenizedRow | None,
+                        uri: str) -> list[list[TokenizedRow]]:
+    """This rank's groups padded to the most any rank has, with a one-row group of its first row."""
+    counts = gather_object([len(groups)])  # one int per rank
+    need = max(counts) - len(groups)
+    if need and first is None:
+        raise InputError(f"{uri}: under FSDP every rank needs at least one row to precompute the reference; "
+                         f"the ranks got {counts} batches")
+    return groups + [[first]] * need if first is not None else groups
+
+
 @torch.no_grad()
 def precompute(cfg: TrainerConfig, acc: Accelerator, models: Any, tokenizer: Any) -> Reference:
     """The reference table for every train and eval row: read from the cache, the rest computed."""
@@ -171,17 +191,25 @@ def precompute(cfg: TrainerConfig, acc: Accelerator, models: Any, tokenizer: Any
         writer = _PartWriter(folder)
         pending: list[TokenizedRow] = []
         reused = tokens = 0
+        # FSDP: every reference forward is a collective, so ranks must run as many; groups are
+        # collected first and the counts evened out (a repeated group rewrites the same rows).
+        deferred: list[list[TokenizedRow]] | None = [] if acc.distributed_type == DistributedType.FSDP else None
+        first: TokenizedRow | None = None
         for row in _split_rows(cfg, acc, tokenizer, uri, split):
+            first = first or row
             if row.row_id in cached:
                 reused += 1
                 continue
             pending.append(row)
             tokens += 2 * len(row.prompt_ids) + len(row.chosen_ids) + len(row.rejected_ids)
             if (tokens >= budget) if budget else len(pending) >= cfg.training.batch_size:
-                writer.add(_forward(cfg, acc, models, pending, pad))
+                _run_or_defer(cfg, acc, models, pending, pad, writer, deferred)
                 pending, tokens = [], 0
         if pending:
-            writer.add(_forward(cfg, acc, models, pending, pad))
+            _run_or_defer(cfg, acc, models, pending, pad, writer, deferred)
+        if deferred is not None:
+            for group in _equal_group_counts(acc, deferred, first, uri):
+                writer.add(_forward(cfg, acc, models, group, pad))
         writer.flush()
         counts = gather_object([(reused, len(writer.written))])
         new: Table = {}
