@@ -123,7 +123,11 @@ class Trainer:
             self.optimizer = self.acc.prepare(self.optimizer)
         else:
             self.models.policy, self.optimizer = self.acc.prepare(self.models.policy, self.optimizer)
+            if self.fsdp:
+                dist_cfg.rebind_optimizer(self.optimizer, self.models.policy)
         self.memory = self._memory_per_rank(rss_before)
+        if self.fsdp and t.gradient_checkpointing:
+            log.info("activation checkpointing: %d layers", dist_cfg.checkpointed_layers(self.models.policy))
         self.writer = None
         if cfg.checkpoint.uri:
             self.writer = ckpt.CheckpointWriter(
