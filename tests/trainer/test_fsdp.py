@@ -230,3 +230,21 @@ def test_lora_under_fsdp_trains_like_ddp_and_checkpoints_the_adapter_only(tiny, 
     meta = FileSystemReader(str(tmp_path / "fsdp" / "ckpt" / "step-000003" / "sharded")).read_metadata()
     keys = [k for k in meta.state_dict_metadata if k.startswith("model.")]
     assert keys and all("lora_" in k for k in keys), keys[:5]
+
+
+def test_fsdp_precompute_with_unequal_rank_shares_matches_ddp(tiny, tmp_path: Path) -> None:
+    """referenceLogps: precompute under FSDP: the reference is sharded, so each of its forwards is a
+    collective. 9 eval rows over 2 ranks give the ranks unequal forward counts; the short rank must
+    run throw-away forwards in step (this hung: the reference cache ran each rank's own count)."""
+    runs = {}
+    for name in ("ddp", "fsdp"):
+        cfg = tiny_config(tiny, tmp_path / name, data={"shuffleBuffer": 1, "evalMaxRows": 9},
+                          training={"maxSteps": 2, "batchSize": 4, "referenceLogps": "precompute",
+                                    "distributed": {"strategy": name}})
+        runs[name] = (run_trainer(cfg, tmp_path / name, nproc=2, torchrun=True) if name == "ddp"
+                      else run_fsdp(cfg, tmp_path / name, LAUNCHER, from_env=False))
+        assert runs[name].returncode == 0, runs[name].stderr[-4000:]
+    assert "distributed_type=FSDP" in runs["fsdp"].stderr or "FSDP" in runs["fsdp"].stderr
+    ddp, fsdp = (runs[n].summary() for n in ("ddp", "fsdp"))
+    assert fsdp["eval"]["eval_loss"] == pytest.approx(ddp["eval"]["eval_loss"], abs=TOL)
+    assert _losses(runs["fsdp"]) == pytest.approx(_losses(runs["ddp"]), abs=TOL)
