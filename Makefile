@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)
 
-# Undefined names, unused imports, import order; the generated CRD must equal the generator's output.
+# Undefined names, unused imports, import order; types (mypy, [tool.mypy]); import layers
+# (lint-imports, [tool.importlinter]); the generated CRD must equal the generator's output.
 lint: install
 	$(VENV)/bin/ruff check trainer_image operator tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 	@if [ -f crds/kubedpo.io_dpojobs.yaml ]; then \
 	  $(VENV)/bin/kubedpo crd | diff -u crds/kubedpo.io_dpojobs.yaml - \
 	  || { echo "crds/kubedpo.io_dpojobs.yaml is stale: run 'make crd' (never edit it by hand)"; exit 1; }; fi

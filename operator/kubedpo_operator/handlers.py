@@ -13,7 +13,7 @@ import asyncio
 import threading
 from collections import defaultdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -35,7 +35,12 @@ from .status import (
     ttl_expired,
 )
 
-DPO = {"group": GROUP, "version": VERSION, "plural": PLURAL}
+
+def _namespaced(namespace: str | None) -> str:
+    """DPOJobs are namespaced: kopf passes None only for cluster-scoped objects."""
+    if namespace is None:
+        raise kopf.PermanentError("a DPOJob without a namespace (the CRD is namespaced)")
+    return namespace
 
 
 def make_memo(kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics | None = None) -> kopf.Memo:
@@ -44,7 +49,7 @@ def make_memo(kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics |
                      locks=defaultdict(threading.Lock))
 
 
-def _event(obj: dict[str, Any], warning: bool, reason: str, message: str) -> None:
+def _event(obj: kopf.Body, warning: bool, reason: str, message: str) -> None:
     kopf.event(obj, type="Warning" if warning else "Normal", reason=reason, message=message[:1000])
 
 
@@ -92,7 +97,7 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
         if t is None:
             return
         memo.kube.patch_dpojob_status(namespace, name, status_patch(status, t, now_iso(), spec.output.uri))
-        _event(dpo, t.warning, t.reason, t.message)
+        _event(kopf.Body(cast(kopf.RawBody, dpo)), t.warning, t.reason, t.message)  # as read from the API
         memo.metrics.observe_phase(namespace, name, t.phase)
         memo.metrics.transitions.labels(phase=t.phase).inc()
         if t.restart:
@@ -101,13 +106,14 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
             ensure_attempt(memo, namespace, name, uid, spec, attempt + 1, status.get("startTime"))
 
 
-def reconcile(body: kopf.Body, name: str, namespace: str, uid: str, meta: kopf.Meta, memo: kopf.Memo,
+def reconcile(*, body: kopf.Body, name: str, namespace: str | None, uid: str, meta: kopf.Meta, memo: kopf.Memo,
               **_: Any) -> None:
     """on.create and on.resume: validate, write the initial status, ensure the children.
 
     The status is re-read from the API under the lock: kopf's body may predate a restart the
     Job watch already performed, and acting on it would recreate the previous attempt.
     """
+    namespace = _namespaced(namespace)
     with memo.metrics.timed("reconcile"):
         try:
             check_name(name)
@@ -117,7 +123,7 @@ def reconcile(body: kopf.Body, name: str, namespace: str, uid: str, meta: kopf.M
             if status.get("phase") not in FINISHED_PHASES:
                 memo.kube.patch_dpojob_status(namespace, name, invalid_status(
                     err.field, err.message, meta.get("generation"), now_iso()))
-                _event(dict(body), True, "InvalidSpec", str(err))
+                _event(body, True, "InvalidSpec", str(err))
             memo.metrics.observe_phase(namespace, name, "Failed")
             raise kopf.PermanentError(str(err)) from None
         with memo.locks[(namespace, name)]:
@@ -131,15 +137,16 @@ def reconcile(body: kopf.Body, name: str, namespace: str, uid: str, meta: kopf.M
             if not status.get("phase"):
                 status = initial_status(meta.get("generation"), now_iso(), spec.workers)
                 memo.kube.patch_dpojob_status(namespace, name, status)
-                _event(dict(body), False, "Created", status["message"])
+                _event(body, False, "Created", status["message"])
             memo.metrics.observe_phase(namespace, name, status["phase"])
             ensure_attempt(memo, namespace, name, uid, spec, int(status.get("attempt") or 0),
                            status.get("startTime"))
 
 
-def on_suspend(body: kopf.Body, old: Any, new: Any, name: str, namespace: str, meta: kopf.Meta,
+def on_suspend(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str | None, meta: kopf.Meta,
                memo: kopf.Memo, **_: Any) -> None:
     """runPolicy.suspend ↔ the Job's spec.suspend (with Kueue, resuming is Kueue's admission)."""
+    namespace = _namespaced(namespace)
     status = dict(body.get("status") or {})
     if bool(old) == bool(new) or not status.get("phase") or status.get("phase") in FINISHED_PHASES:
         return
@@ -156,11 +163,11 @@ def on_suspend(body: kopf.Body, old: Any, new: Any, name: str, namespace: str, m
         patch = status_patch(status, Transition(phase, reason, message), now_iso())
         patch["observedGeneration"] = meta.get("generation")
         memo.kube.patch_dpojob_status(namespace, name, patch)
-        _event(dict(body), False, reason, message)
+        _event(body, False, reason, message)
         memo.metrics.observe_phase(namespace, name, phase)
 
 
-def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def on_job_event(*, type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Any change of one of our Jobs: sync its DPOJob (deletions are our own restarts)."""
     if type == "DELETED":
         return
@@ -171,9 +178,10 @@ def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         sync(memo, body["metadata"]["namespace"], labels[LABEL_JOB], int(labels[LABEL_ATTEMPT]))
 
 
-async def on_tick(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, patch: kopf.Patch,
+async def on_tick(*, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, patch: kopf.Patch,
                   **_: Any) -> None:
     """Periodic: TTL deletion, a level-triggered resync, and status.progress from rank 0."""
+    namespace = _namespaced(namespace)
     status = dict(body.get("status") or {})
     spec_raw = dict(body.get("spec") or {})
     try:
@@ -196,11 +204,11 @@ async def on_tick(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, p
             patch.status.update(progress_patch(parse_metrics(text), spec.checkpoint.uri, now_iso()))
 
 
-def on_delete(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.metrics.observe_phase(namespace, name, None)
+def on_delete(*, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    memo.metrics.observe_phase(_namespaced(namespace), name, None)
 
 
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(*, settings: kopf.OperatorSettings, **_: Any) -> None:
     # Progress and diff-base in annotations, so status holds only what the CRD schema declares.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubedpo.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -221,11 +229,12 @@ def build_registry(settings: OperatorSettings, login: bool = True) -> kopf.Opera
     if login:
         kopf.on.login(registry=r)(kopf.login_via_client)
     backoff = settings.handler_backoff_s
-    kopf.on.create(**DPO, registry=r, id="reconcile", backoff=backoff)(reconcile)
-    kopf.on.resume(**DPO, registry=r, id="adopt", backoff=backoff)(reconcile)
-    kopf.on.field(**DPO, field="spec.runPolicy.suspend", registry=r, id="suspend", backoff=backoff)(on_suspend)
-    kopf.on.delete(**DPO, registry=r, optional=True, id="forget")(on_delete)
+    kopf.on.create(GROUP, VERSION, PLURAL, registry=r, id="reconcile", backoff=backoff)(reconcile)
+    kopf.on.resume(GROUP, VERSION, PLURAL, registry=r, id="adopt", backoff=backoff)(reconcile)
+    kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend", registry=r, id="suspend",
+                  backoff=backoff)(on_suspend)
+    kopf.on.delete(GROUP, VERSION, PLURAL, registry=r, optional=True, id="forget")(on_delete)
     kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY},
                   registry=r, id="job")(on_job_event)
-    kopf.timer(**DPO, interval=settings.progress_interval_s, registry=r, id="tick")(on_tick)
+    kopf.timer(GROUP, VERSION, PLURAL, interval=settings.progress_interval_s, registry=r, id="tick")(on_tick)
     return r

@@ -65,6 +65,8 @@ class OperatorSettings:
             raw = env.get(f"KUBEDPO_{f.name.upper()}")
             if raw is None:
                 continue
+            if f.default is dataclasses.MISSING:
+                raise TypeError(f"OperatorSettings.{f.name} has no default to take its type from")
             kind = type(f.default)
             try:
                 values[f.name] = kind(raw)

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from . import storage
 from .errors import InputError, StorageError
+from .model_kinds import is_peft
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,8 @@ def latest_complete(uri: str | None) -> int | None:
 # --- model weights: the trainable part only ------------------------------------------------
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config")
-
-
 def weights_file(model: torch.nn.Module) -> str:
-    return "adapter_model.safetensors" if _is_peft(model) else "model.safetensors"
+    return "adapter_model.safetensors" if is_peft(model) else "model.safetensors"
 
 
 def trainable_state(model: torch.nn.Module, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -88,7 +85,7 @@ def trainable_state(model: torch.nn.Module, full: dict[str, torch.Tensor] | None
     of `model.state_dict()`, which would hold only this rank's shards.
     Tied weights (embeddings/head) are stored once: safetensors refuses shared storage.
     """
-    if _is_peft(model):
+    if is_peft(model):
         from peft import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(model, state_dict=full)
@@ -112,16 +109,17 @@ def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
 def load_trainable_state(model: torch.nn.Module, path: Path, sharded: bool = False) -> None:
     """`sharded`: `model` is FSDP-wrapped; each rank keeps its shard of the full weights in `path`."""
     state = load_file(str(path))
-    if _is_peft(model):
+    if is_peft(model):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, state)
         return
     if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, ValueType, set_model_state_dict
 
+        full: dict[str, ValueType] = dict(state)
         missing, unexpected = set_model_state_dict(
-            model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+            model, full, options=StateDictOptions(full_state_dict=True, strict=False))
     else:
         missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

@@ -65,7 +65,8 @@ class LossType(StrEnum):
 
 class LoraConfig(Schema):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r of the adapter matrices.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha; the update is scaled by alpha/rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling alpha (an integer, as in peft); the update is scaled by "
+                       "alpha/rank.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
     target_modules: list[str] | None = Field(
         None,

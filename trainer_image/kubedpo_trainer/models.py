@@ -26,14 +26,22 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import storage
+from .batch import Batch
 from .config import LossType, TrainerConfig
 from .errors import InputError
+from .model_kinds import follow_module, is_peft
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .forward import ForwardOutput
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +95,8 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def load_tokenizer(source: TrainerConfig | str, accelerator: Any = None, trust_remote_code: bool = False):
+def load_tokenizer(source: TrainerConfig | str, accelerator: Any = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer from `model.tokenizerUri` (or `model.uri`), or from a URI string.
 
     A tokenizer without a pad token (Llama, Mistral) gets its EOS as pad: padding positions are
@@ -110,21 +119,23 @@ def load_tokenizer(source: TrainerConfig | str, accelerator: Any = None, trust_r
     return tok
 
 
-def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, accelerator: Any) -> nn.Module:
+def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, accelerator: Any) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_source(uri, accelerator)
     dtype = resolve_dtype(cfg.model.dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise InputError(f"model {uri}: cannot load: {err}") from None
-    return model.to(device)
+    module: nn.Module = model  # PreTrainedModel.to's functools.wraps signature confuses type checkers
+    module.to(device)  # in place, as for every nn.Module
+    return model
 
 
-def lora_config(cfg: TrainerConfig):
+def lora_config(cfg: TrainerConfig) -> LoraConfig:
     """peft LoraConfig from `model.lora`; no targetModules means every linear layer but the head."""
     from peft import LoraConfig
 
@@ -155,12 +166,12 @@ def load_policy(cfg: TrainerConfig, device: torch.device | str, accelerator: Any
 
     if cfg.training.gradient_checkpointing:
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(cfg))
-    model.train()
-    return model
+    peft_model = get_peft_model(model, lora_config(cfg))
+    peft_model.train()
+    return peft_model
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """transformers 5 renamed gradient_checkpointing_enable; accept both (4.56 and 5.x)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
@@ -187,13 +198,6 @@ def load_reference(cfg: TrainerConfig, device: torch.device | str, accelerator: 
 # --- one interface for the loop ---------------------------------------------------------------
 
 
-def _follow_module(model: nn.Module) -> nn.Module:
-    """Strip DDP-style wrappers (`.module`) when no accelerator's unwrap_model is at hand."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
 @dataclass
 class PolicyAndReference:
     """The trainable policy and a way to run the reference, whichever kind it is.
@@ -204,11 +208,11 @@ class PolicyAndReference:
 
     policy: nn.Module
     reference: nn.Module | None = None
-    unwrap: Callable[[nn.Module], nn.Module] = field(default=_follow_module)
+    unwrap: Callable[[nn.Module], nn.Module] = field(default=follow_module)
 
     @property
     def is_lora(self) -> bool:
-        return hasattr(self.unwrap(self.policy), "peft_config")
+        return is_peft(self.unwrap(self.policy))
 
     @property
     def has_reference(self) -> bool:
@@ -225,9 +229,9 @@ class PolicyAndReference:
             with torch.no_grad():
                 yield self.reference
             return
-        if not self.is_lora:
-            raise RuntimeError("this run has no reference model (reference-free loss)")
         model = self.unwrap(self.policy)
+        if not is_peft(model):
+            raise RuntimeError("this run has no reference model (reference-free loss)")
         was_training = model.training
         model.eval()
         try:
@@ -236,7 +240,7 @@ class PolicyAndReference:
         finally:
             model.train(was_training)
 
-    def reference_logps(self, batch: dict[str, Any]) -> Any:
+    def reference_logps(self, batch: Batch) -> ForwardOutput | None:
         """`forward.concatenated_forward` of the reference on `batch`; None if reference-free."""
         if not self.has_reference:
             return None
@@ -250,12 +254,13 @@ class PolicyAndReference:
         self.reference = None
 
 
-def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.device | str | None = None):
+def load_models(cfg: TrainerConfig, accelerator: Any = None,
+                device: torch.device | str | None = None) -> PolicyAndReference:
     """Policy and reference on `accelerator.device` (or `device`, default CPU)."""
     dev = torch.device(device if device is not None else (accelerator.device if accelerator else "cpu"))
     policy = load_policy(cfg, dev, accelerator)
     reference = load_reference(cfg, dev, accelerator)
-    unwrap = accelerator.unwrap_model if accelerator is not None else _follow_module
+    unwrap = accelerator.unwrap_model if accelerator is not None else follow_module
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in policy.parameters())
     log.info("policy %s: %d of %d parameters trainable (%s)", cfg.model.uri, n_train, n_all,

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from .batch import Batch
 from .config import TrainerConfig
 from .data.stream import PreferenceStream
+from .losses import PairLogps
+from .models import PolicyAndReference
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +42,11 @@ def _row_key(row_id: str) -> str:
 class Reference:
     """`logps(batch)` for the loss, whichever way they are obtained."""
 
-    def __init__(self, models: Any, table: dict[str, tuple[float, float]] | None = None) -> None:
+    def __init__(self, models: PolicyAndReference, table: dict[str, tuple[float, float]] | None = None) -> None:
         self.models, self.table = models, table
 
-    def logps(self, batch: dict[str, Any]) -> Any:
+    def logps(self, batch: Batch) -> PairLogps | None:
+        """(B,) chosen and rejected reference log-probs; None for a reference-free loss."""
         if self.table is None:
             return self.models.reference_logps(batch)
         pairs = [self.table[_row_key(r)] for r in batch["row_ids"]]
@@ -48,7 +55,8 @@ class Reference:
 
 
 @torch.no_grad()
-def precompute(cfg: TrainerConfig, acc: Accelerator, models: Any, tokenizer: Any) -> Reference:
+def precompute(cfg: TrainerConfig, acc: Accelerator, models: PolicyAndReference,
+               tokenizer: PreTrainedTokenizerBase) -> Reference:
     table: dict[str, tuple[float, float]] = {}
     for uri in filter(None, (cfg.data.train, cfg.data.eval)):
         stream = PreferenceStream.for_eval(cfg.data, uri, tokenizer, acc.process_index, acc.num_processes,
@@ -56,6 +64,8 @@ def precompute(cfg: TrainerConfig, acc: Accelerator, models: Any, tokenizer: Any
         for batch in stream.eval_batches():
             with acc.autocast():
                 ref = models.reference_logps(batch)
+            if ref is None:  # config validation refuses precompute with a reference-free loss
+                raise ValueError(f"training.referenceLogps: precompute with {cfg.training.loss}, which has no reference")
             for rid, c, r in zip(batch["row_ids"], ref.chosen_logps.tolist(), ref.rejected_logps.tolist(),
                                  strict=True):
                 table[rid] = (c, r)

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
 from . import storage
+from .batch import Batch
 from .config import TrainerConfig
 from .data.stream import PreferenceStream
 from .errors import InputError, Preempted
@@ -131,10 +133,11 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        step = ckpt.latest_complete(self.cfg.checkpoint.uri)
-        if step is None:
+        root = self.cfg.checkpoint.uri
+        step = ckpt.latest_complete(root) if root else None
+        if root is None or step is None:
             return
-        uri = ckpt.step_dir(self.cfg.checkpoint.uri, step)
+        uri = ckpt.step_dir(root, step)
         local = storage.download_dir(uri, self._scratch("kubedpo-resume-") / "step")  # lock file stays inside
         state = json.loads((local / "trainer_state.json").read_text())
         if state["world_size"] != self.world:
@@ -208,12 +211,13 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+    def train_step(self, batches: list[Batch]) -> dict[str, float]:
         """One optimizer step over `gradientAccumulationSteps` micro-batches."""
         t = self.cfg.training
         beta = beta_at(self.step, self.total_steps, t)
         sums: dict[str, float] = {}
         logits: list[torch.Tensor] = []
+        grad_norm: float | None = None  # set on the micro-batch that syncs gradients (the last)
         for batch in batches:
             with self.acc.accumulate(self.models.policy):
                 policy = concatenated_forward(self.models.policy, batch)
@@ -230,6 +234,9 @@ class Trainer:
             self.metrics.inc("samples", len(batch["row_ids"]))
             self.metrics.inc("tokens", batch["num_tokens"])
             self.tokens_total += batch["num_tokens"]
+        if grad_norm is None:
+            raise RuntimeError(f"step {self.step + 1}: {len(batches)} micro-batches never synced gradients "
+                               f"(gradientAccumulationSteps {t.gradient_accumulation_steps})")
         self.scheduler.step()
         values = self._mean_over_ranks(sums, torch.stack(logits))
         values.update(grad_norm=grad_norm, learning_rate=self.scheduler.get_last_lr()[0], beta=beta)
@@ -238,8 +245,8 @@ class Trainer:
     def _clip(self) -> float:
         max_norm = self.cfg.training.max_grad_norm
         if max_norm is None:
-            params = [p for p in self.models.policy.parameters() if p.grad is not None]
-            return float(torch.linalg.vector_norm(torch.stack([_full(p.grad.norm()) for p in params])))
+            grads = [p.grad for p in self.models.policy.parameters() if p.grad is not None]
+            return float(torch.linalg.vector_norm(torch.stack([_full(g.norm()) for g in grads])))
         return float(_full(self.acc.clip_grad_norm_(self.models.policy.parameters(), max_norm)))
 
     def _mean_over_ranks(self, values: dict[str, float], logit_totals: torch.Tensor) -> dict[str, float]:
@@ -396,9 +403,11 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _torch_writer(obj: Any):
+def _torch_writer(obj: Any) -> Callable[[Path], None]:
     return lambda path: torch.save(obj, path)
 
 
-def _json_writer(obj: Any):
-    return lambda path: Path(path).write_text(json.dumps(obj))
+def _json_writer(obj: Any) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(obj))
+    return write

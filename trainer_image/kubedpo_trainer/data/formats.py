@@ -18,7 +18,7 @@ import gzip
 import json
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -135,8 +135,8 @@ def count_rows(uri: str) -> int:
             with storage.open_range(uri) as f:
                 return int(pq.ParquetFile(f).metadata.num_rows)
         with storage.open_range(uri) as raw:
-            f = gzip.open(raw, "rb") if uri.endswith(".gz") else raw
-            return sum(1 for line in f if line.strip())
+            lines: Iterable[bytes] = gzip.open(raw, "rb") if uri.endswith(".gz") else raw
+            return sum(1 for line in lines if line.strip())
 
 
 # --- row formats ----------------------------------------------------------------------------

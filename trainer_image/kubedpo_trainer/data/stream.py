@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 from .. import storage
+from ..batch import Batch
 from ..config import DataConfig
 from ..errors import InputError
 from .collate import collate
@@ -81,7 +82,7 @@ class Position:
 class Group:
     """`gradientAccumulationSteps` batches forming one optimizer step."""
 
-    batches: list[dict[str, Any]]
+    batches: list[Batch]
     wait_seconds: float  # time the training thread waited for them: kubedpo_data_wait_seconds
 
 
@@ -132,7 +133,7 @@ class PreferenceStream:
     @property
     def stats(self) -> DataStats:
         """Totals up to the last batch the trainer consumed (rows read ahead are not counted yet)."""
-        return DataStats(**self._consumed_stats)
+        return DataStats.from_totals(self._consumed_stats)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position of the last consumed batch (data_state of a checkpoint)."""
@@ -241,7 +242,7 @@ class PreferenceStream:
             stats.add(bad_records=1)
             return None
 
-    def _train_batches(self, pos: Position, stats: DataStats) -> Iterator[tuple[dict[str, Any], Position, dict]]:
+    def _train_batches(self, pos: Position, stats: DataStats) -> Iterator[tuple[Batch, Position, dict[str, int]]]:
         """(batch, position after it, stats after it) forever, epoch after epoch, equal counts per rank."""
         nb = self.batches_per_epoch()
         if nb < 1:
@@ -290,7 +291,7 @@ class PreferenceStream:
         """
         q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        pos, stats = self._consumed.copy(), DataStats(**self._consumed_stats)
+        pos, stats = self._consumed.copy(), DataStats.from_totals(self._consumed_stats)
 
         def put(item: tuple[str, Any]) -> bool:
             while not stop.is_set():
@@ -326,7 +327,7 @@ class PreferenceStream:
             stop.set()
             thread.join(timeout=1.0)  # it stops at its next put; never wait on a slow read
 
-    def eval_batches(self, device: Any = None) -> Iterator[dict[str, Any]]:
+    def eval_batches(self, device: Any = None) -> Iterator[Batch]:
         """Every eval row of this rank once, in file order, last partial batch kept.
 
         Ranks may yield different counts (evaluate() reduces sums, not per-batch collectives).
