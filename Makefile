@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: install lint crd tools test demo bench clean lock
+.PHONY: install lint crd tools test test-fast demo bench clean lock
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +42,15 @@ tools:
 test: lint tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The inner loop: everything that needs no external part and no extra process (markers in
+# pyproject.toml; s3/kube/helm/prometheus are applied by the fixtures that start them).
+FAST_MARKERS ?= not (slow or s3 or kube or helm or prometheus or multiproc)
+test-fast: install
+	$(PY) -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+
+# On a terminal: a live progress display; piped: the pods' JSON lines. DEMO_ARGS="--dir /tmp/d" to move it.
 demo: install
-	$(PY) -m kubedpo_trainer.demo
+	$(PY) -m kubedpo_trainer.demo $(DEMO_ARGS)
 
 bench: install
 	$(PY) bench/run_all.py

@@ -3,8 +3,10 @@
 `DPOJobSpec` subclasses the trainer's `TrainerConfig`, so the training half of the schema (and its
 cross-field rules) has exactly one definition, shared by the CRD generator, the operator's
 validation and the trainer's config loader. Kubernetes-native sub-objects (env, resources,
-tolerations, affinity) are typed loosely: the API server and kubelet validate them, and copying
-the whole core/v1 schema into our CRD would only make it stale.
+tolerations, affinity, volumes...) are dicts here, marked with the core/v1 definition they are
+(`_core`): the CRD generator embeds Kubernetes' own schema for them, and `spec_rules` checks them
+against that schema plus the API server's semantic rules, so a spec the operator accepts yields
+children the API server accepts.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from typing import Any, Literal, get_args
 from pydantic import Field, ValidationError, model_validator
 
 from kubedpo_trainer.config import Schema, TrainerConfig, format_validation_error
+
+from . import spec_rules
+from .k8s_openapi import CORE
+from .k8s_rules import DNS1035_LABEL, INT32_MAX
 
 GROUP = "kubedpo.io"
 VERSION = "v1alpha1"
@@ -30,6 +36,12 @@ Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "F
 PHASES: tuple[Phase, ...] = get_args(Phase)
 FINISHED_PHASES = ("Succeeded", "Failed")
 MAX_NAME = 52  # 63 (DNS label) - len("-<attempt up to 3 digits>-<index up to 5>")
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+
+
+def _core(definition: str, many: bool = False) -> dict[str, Any]:
+    """Field marker: the CRD generator embeds core/v1's schema of `definition` (a list of them if many)."""
+    return {"x-kubedpo-core": CORE + definition, **({"x-kubedpo-many": True} if many else {})}
 
 
 class SpecError(ValueError):
@@ -43,20 +55,42 @@ class SpecError(ValueError):
 
 class RunPolicy(Schema):
     max_restarts: int = Field(
-        3, ge=0, description="Gang restarts after a failed attempt (preemptions and disruptions are free)."
+        3, ge=0, le=1000, description="Gang restarts after a failed attempt (preemptions and disruptions are free)."
     )
     active_deadline_seconds: int | None = Field(
-        None, ge=1, description="Fail the job when it has run this long in total (all attempts)."
+        None, ge=1, le=INT32_MAX, description="Fail the job when it has run this long in total (all attempts)."
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete the DPOJob (and its children) this long after it finished."
+        None, ge=0, le=INT32_MAX, description="Delete the DPOJob (and its children) this long after it finished."
     )
     suspend: bool = Field(False, description="Suspend the running attempt (pods are deleted); false resumes.")
     queue_name: str | None = Field(
         None,
+        max_length=63,
+        pattern=LABEL_VALUE_PATTERN,
         description="Kueue LocalQueue: the Job is labelled kueue.x-k8s.io/queue-name and created "
         "suspended, so Kueue admits the whole gang at once.",
     )
+
+
+class PodOverrides(Schema):
+    labels: dict[str, str] | None = Field(
+        None, description="Extra labels of the worker pods (e.g. Kueue topology, cost centre); "
+        "kubedpo.io/ and app.kubernetes.io/ keys are the operator's.")
+    annotations: dict[str, str] | None = Field(None, description="Extra annotations of the worker pods.")
+    volumes: list[dict[str, Any]] | None = Field(
+        None, max_length=64, json_schema_extra=_core("Volume", many=True),
+        description="Extra pod volumes (e.g. a model-cache PVC). hostPath only where the operator's "
+        "settings allow its path.")
+    volume_mounts: list[dict[str, Any]] | None = Field(
+        None, max_length=64, json_schema_extra=_core("VolumeMount", many=True),
+        description="Mounts of those volumes into the trainer container.")
+    image_pull_secrets: list[dict[str, Any]] | None = Field(
+        None, max_length=16, json_schema_extra=_core("LocalObjectReference", many=True),
+        description="Secrets to pull a private trainer image.")
+    add_capabilities: list[str] | None = Field(
+        None, max_length=16, description="Linux capabilities added to the trainer (e.g. IPC_LOCK for RDMA); "
+        "only those the operator's settings allow.")
 
 
 class DPOJobSpec(TrainerConfig):
@@ -67,39 +101,44 @@ class DPOJobSpec(TrainerConfig):
         0, ge=0, le=64, description="nvidia.com/gpu per pod; also the trainer processes per pod (min 1)."
     )
     resources: dict[str, Any] | None = Field(
-        None, description="Container resources (requests/limits) of each worker, as in a Pod."
+        None, json_schema_extra=_core("ResourceRequirements"),
+        description="Container resources (requests/limits) of each worker, as in a Pod; extended "
+        "resources such as rdma/hca go here too.",
     )
     image: str | None = Field(None, description="Trainer image; defaults to the operator's configured image.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         None, description="Pull policy of the trainer image."
     )
     node_selector: dict[str, str] | None = Field(None, description="Node labels the workers must match.")
-    tolerations: list[dict[str, Any]] | None = Field(None, description="Pod tolerations of each worker.")
-    affinity: dict[str, Any] | None = Field(None, description="Pod affinity of each worker.")
+    tolerations: list[dict[str, Any]] | None = Field(
+        None, json_schema_extra=_core("Toleration", many=True), description="Pod tolerations of each worker.")
+    affinity: dict[str, Any] | None = Field(
+        None, json_schema_extra=_core("Affinity"), description="Pod affinity of each worker.")
     priority_class_name: str | None = Field(None, description="PriorityClass of the worker pods.")
     service_account_name: str | None = Field(
         None, description="ServiceAccount of the workers (e.g. for cloud identity to S3)."
     )
     env: list[dict[str, Any]] | None = Field(
-        None, description="Extra container env (e.g. AWS_* from secretKeyRef); never copied to config or status."
+        None, max_length=256, json_schema_extra=_core("EnvVar", many=True),
+        description="Extra container env (e.g. AWS_* from secretKeyRef); never copied to config or status. "
+        f"Reserved: {', '.join(spec_rules.RESERVED_ENV)} and KUBEDPO_*.",
     )
     env_from: list[dict[str, Any]] | None = Field(
-        None, description="Container envFrom (e.g. a Secret with S3 credentials)."
+        None, max_length=64, json_schema_extra=_core("EnvFromSource", many=True),
+        description="Container envFrom (e.g. a Secret with S3 credentials).",
+    )
+    pod: PodOverrides | None = Field(
+        None, description="Extra pod settings real GPU clusters need (labels, volumes, pull secrets, "
+        "capabilities), each checked like the rest.",
     )
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadlines, queueing.")
 
     @model_validator(mode="after")
     def _cluster_rules(self) -> DPOJobSpec:
-        limits = (self.resources or {}).get("limits") or {}
-        gpu = limits.get("nvidia.com/gpu")
-        if gpu is not None and str(gpu) != str(self.gpus_per_worker):
-            raise ValueError(
-                "resources.limits: nvidia.com/gpu must be omitted or equal gpusPerWorker "
-                f"({gpu} != {self.gpus_per_worker})"
-            )
-        for i, e in enumerate(self.env or []):
-            if not isinstance(e.get("name"), str) or not e["name"]:
-                raise ValueError(f"env[{i}].name: required")
+        problems = spec_rules.spec_problems(self)
+        if problems:
+            field, message = problems[0]
+            raise ValueError(f"{field}: {message}")
         return self
 
     def trainer_config(self) -> TrainerConfig:
@@ -119,12 +158,15 @@ def parse_spec(spec: Any) -> DPOJobSpec:
         _, field, msg = (first.split(": ", 2) + ["", ""])[:3]
         if field == "<root>" and ": " in msg:
             field, msg = msg.split(": ", 1)
-        field = "spec" if field == "<root>" else f"spec.{field}"
+        field = "spec" if field == "<root>" else field if field.startswith("spec") else f"spec.{field}"
         raise SpecError(field, msg) from None
 
 
-def check_name(name: str) -> None:
-    """Pod hostnames are `<name>-<attempt>-<index>` and must stay a 63-character DNS label."""
+def check_name(name: Any) -> None:
+    """The Service is `<name>-<attempt>` and pod hostnames `<name>-<attempt>-<index>`: DNS-1035 labels."""
+    if not isinstance(name, str) or not DNS1035_LABEL.match(name):
+        raise SpecError("metadata.name", f"{name!r} must be a DNS-1035 label (lower-case letters, digits "
+                        "and '-', starting with a letter): it names the Service and the pods' hostnames")
     if len(name) > MAX_NAME:
         raise SpecError("metadata.name", f"at most {MAX_NAME} characters (pod hostnames derive from it)")
 
@@ -137,7 +179,9 @@ class Condition(Schema):
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str = Field("", description="CamelCase reason of the last transition.")
     message: str = Field("", description="Human-readable details.")
-    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
+    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).",
+                                             json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = Field(None, description="metadata.generation this condition was set for.")
 
 
 class Progress(Schema):
@@ -147,7 +191,9 @@ class Progress(Schema):
     loss: float | None = Field(None, description="Last logged DPO loss.")
     reward_accuracy: float | None = Field(None, description="Fraction of pairs with chosen reward > rejected.")
     reward_margin: float | None = Field(None, description="Mean chosen - rejected reward.")
-    tokens_per_second: float | None = Field(None, description="Training throughput of the gang.")
+    tokens_per_second: float | None = Field(
+        None, description="Tokens per second processed by rank 0 (the gang processes about this times the "
+        "number of ranks); read from rank 0's metrics like the rest of progress.")
     eta: str | None = Field(None, description="Estimated time left, e.g. 1h02m.")
     updated_at: str | None = Field(None, description="When these numbers were read from rank 0.")
 

@@ -18,7 +18,7 @@ import yaml
 
 from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED
 
-from .api import API_VERSION, KIND, DPOJobSpec
+from .api import API_VERSION, KIND, DPOJobSpec, PodOverrides
 from .settings import OperatorSettings
 
 CONTAINER = "trainer"
@@ -27,6 +27,7 @@ LABEL_ATTEMPT = "kubedpo.io/attempt"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "kubedpo-operator"
 CONFIG_FILE = "config.yaml"
+WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}]
 # Index of the podFailurePolicy rules; status.py maps a Job's failure message back to them.
 RULE_DISRUPTION, RULE_CONFIG, RULE_PREEMPTED = 0, 1, 2
 
@@ -133,10 +134,14 @@ def pod_failure_policy() -> dict:
     the Job's failure message: config error → Failed, preempted → free gang restart.
     """
     rules: list[dict[str, Any]] = [None, None, None]  # type: ignore[list-item]
-    rules[RULE_DISRUPTION] = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
-    rules[RULE_CONFIG] = {"action": "FailJob", "onExitCodes": {
+    # status is required by Kubernetes 1.28's schema (optional, defaulting to True, later).
+    rules[RULE_DISRUPTION] = {"action": "Ignore",
+                              "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # An empty onPodConditions: 1.28's schema lists the field as required (its validation only
+    # refuses a non-empty one next to onExitCodes).
+    rules[RULE_CONFIG] = {"action": "FailJob", "onPodConditions": [], "onExitCodes": {
         "containerName": CONTAINER, "operator": "In", "values": [EXIT_CONFIG]}}
-    rules[RULE_PREEMPTED] = {"action": "FailJob", "onExitCodes": {
+    rules[RULE_PREEMPTED] = {"action": "FailJob", "onPodConditions": [], "onExitCodes": {
         "containerName": CONTAINER, "operator": "In", "values": [EXIT_PREEMPTED]}}
     return {"rules": rules}
 
@@ -154,23 +159,29 @@ def _resources(spec: DPOJobSpec) -> dict[str, Any]:
 
 def _container(name: str, namespace: str, spec: DPOJobSpec, attempt: int,
                settings: OperatorSettings) -> dict[str, Any]:
+    pod = spec.pod or PodOverrides()
     c: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or settings.default_image,
         "command": [settings.python, "-m", "kubedpo_trainer.cli"],
         "args": trainer_args(spec, name, attempt, f"{settings.config_mount_path}/{CONFIG_FILE}",
                              port=settings.rendezvous_port),
-        "env": trainer_env(name, namespace, attempt) + [dict(e) for e in spec.env or []],
+        # The root filesystem is read-only: HOME and caches go to the /tmp emptyDir (as in our
+        # image); user env comes last, so a custom image may point them elsewhere it mounts.
+        "env": trainer_env(name, namespace, attempt) + WRITABLE_ENV + [dict(e) for e in spec.env or []],
         "ports": [{"name": "rendezvous", "containerPort": settings.rendezvous_port}],
         "resources": _resources(spec),
         "volumeMounts": [
             {"name": "config", "mountPath": settings.config_mount_path, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
+            *[dict(m) for m in pod.volume_mounts or []],
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], **({"add": list(pod.add_capabilities)} if pod.add_capabilities
+                                                 else {})},
             "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -208,6 +219,7 @@ def _pod_spec(name: str, namespace: str, spec: DPOJobSpec, attempt: int,
             {"name": "config", "configMap": {"name": config_map_name(name, attempt)}},
             {"name": "dshm", "emptyDir": shm},
             {"name": "tmp", "emptyDir": {}},
+            *[dict(v) for v in (spec.pod.volumes if spec.pod else None) or []],
         ],
     }
     optional = {
@@ -216,9 +228,19 @@ def _pod_spec(name: str, namespace: str, spec: DPOJobSpec, attempt: int,
         "nodeSelector": spec.node_selector,
         "tolerations": spec.tolerations,
         "affinity": spec.affinity,
+        "imagePullSecrets": [dict(r) for r in spec.pod.image_pull_secrets or []] if spec.pod else None,
     }
     pod.update({k: v for k, v in optional.items() if v})
     return pod
+
+
+def _pod_meta(name: str, attempt: int, spec: DPOJobSpec) -> dict[str, Any]:
+    """User labels/annotations first, ours over them (spec_rules refuses reserved keys anyway)."""
+    pod = spec.pod or PodOverrides()
+    meta: dict[str, Any] = {"labels": {**(pod.labels or {}), **labels(name, attempt, "trainer")}}
+    if pod.annotations:
+        meta["annotations"] = dict(pod.annotations)
+    return meta
 
 
 def build_job(name: str, namespace: str, uid: str, spec: DPOJobSpec, attempt: int,
@@ -236,7 +258,7 @@ def build_job(name: str, namespace: str, uid: str, spec: DPOJobSpec, attempt: in
         "suspend": bool(rp.suspend or rp.queue_name),
         "podFailurePolicy": pod_failure_policy(),
         "template": {
-            "metadata": {"labels": labels(name, attempt, "trainer")},
+            "metadata": _pod_meta(name, attempt, spec),
             "spec": _pod_spec(name, namespace, spec, attempt, settings),
         },
     }

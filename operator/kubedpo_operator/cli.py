@@ -1,7 +1,7 @@
 """`kubedpo`: the operator, the CRD generator and offline manifest checks.
 
     kubedpo crd > crds/kubedpo.io_dpojobs.yaml   # the CRD, generated from api.py
-    kubedpo validate examples/tiny-cpu.yaml       # schema + cross-field rules, no cluster needed
+    kubedpo validate examples/tiny-cpu.yaml       # the CRD schema, the operator's checks and its children's
     kubedpo operator                              # run the kopf operator (in-cluster or kubeconfig)
 """
 
@@ -13,10 +13,11 @@ import logging
 import random
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
-from .api import KIND, SpecError, check_name, parse_spec
+from .api import KIND, SpecError
 
 
 def cmd_crd(_: argparse.Namespace) -> int:
@@ -27,15 +28,28 @@ def cmd_crd(_: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """The operator's own admission and child checks, offline: what passes here runs (or is queued)."""
+    from .admission import check_manifest
+    from .settings import OperatorSettings
+
+    settings = OperatorSettings.from_env()
     bad = 0
     for path in args.manifests:
-        with open(path) as f:
-            docs = [d for d in yaml.safe_load_all(f) if d and d.get("kind") == KIND]
-        for doc in docs:
-            name = (doc.get("metadata") or {}).get("name", "?")
+        try:
+            with open(path) as f:
+                docs = list(yaml.safe_load_all(f))
+        except (OSError, yaml.YAMLError) as err:
+            print(f"{path}: cannot read: {err}", file=sys.stderr)
+            bad += 1
+            continue
+        for i, doc in enumerate(docs):
+            if not isinstance(doc, dict) or doc.get("kind") != KIND:
+                continue
+            raw_meta = doc.get("metadata")
+            meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+            name = meta.get("name", f"<document {i}>")
             try:
-                check_name(name)
-                parse_spec(doc.get("spec"))
+                check_manifest(doc, settings)
                 print(f"{path}: {KIND}/{name}: valid")
             except SpecError as err:
                 print(f"{path}: {KIND}/{name}: {err}", file=sys.stderr)
@@ -76,7 +90,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .local import run
 
-    return run(args.manifest)
+    return run(args.manifest, log_format=args.log_format)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(fn=cmd_operator)
     r = sub.add_parser("run", help="Run a DPOJob's workers as local processes (no cluster needed).")
     r.add_argument("manifest")
+    r.add_argument("--log-format", choices=("auto", "json", "rich"), default=None,
+                   help="rich: a live progress display; json: the pods' JSON lines; auto (default): rich on a terminal.")
     r.set_defaults(fn=cmd_run)
     return p
 

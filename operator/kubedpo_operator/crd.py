@@ -3,16 +3,25 @@
 `kubedpo crd > crds/kubedpo.io_dpojobs.yaml`; CI diffs the file against this output, so the
 schema has one source. Pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural*
 OpenAPI v3 subset: no $ref, no anyOf-with-null (→ `nullable`), numeric `exclusiveMinimum` (→
-boolean), every node typed (free-form Kubernetes objects → x-kubernetes-preserve-unknown-fields).
+boolean), every node typed. Fields that are Kubernetes objects (env, resources, tolerations,
+affinity, pod volumes...) get core/v1's own schema (k8s_openapi.crd_node), so `kubectl explain`
+works below them and unknown fields are refused.
+
+`to_jsonschema` turns the result back into JSON Schema: `kubedpo validate` and the operator check
+raw specs against exactly what the API server enforces (no "2" for an integer, no "inf").
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import jsonschema
 import yaml
 
-from .api import GROUP, KIND, PLURAL, SHORT_NAME, SINGULAR, VERSION, DPOJobSpec, DPOJobStatus
+from .api import GROUP, KIND, MAX_NAME, PLURAL, SHORT_NAME, SINGULAR, VERSION, DPOJobSpec, DPOJobStatus
+from .k8s_openapi import crd_node
+from .spec_rules import RESERVED_ENV, RESERVED_ENV_PREFIX, URI_FIELDS
 
 # Sections whose pydantic field has no description of its own (the trainer's models carry
 # docs on leaf fields); `kubectl explain` needs one on every node.
@@ -46,6 +55,8 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
 def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     """One pydantic JSON-schema node → one structural OpenAPI v3 node (recursively)."""
     node = _resolve(node, defs)
+    if "x-kubedpo-core" in node:
+        return _core(node)
     nullable = False
     if "anyOf" in node:
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
@@ -87,6 +98,17 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _core(node: dict[str, Any]) -> dict[str, Any]:
+    """A field marked with a core/v1 definition (api._core): Kubernetes' schema, our description."""
+    item = crd_node(node["x-kubedpo-core"])
+    out = {"type": "array", "items": item} if node.get("x-kubedpo-many") else item
+    out = {**out, "description": node.get("description", out.get("description", ""))}
+    for option in [node, *node.get("anyOf", [])]:
+        if "maxItems" in option:
+            out["maxItems"] = option["maxItems"]
+    return out
+
+
 def _describe(name: str, node: dict[str, Any]) -> dict[str, Any]:
     if "description" not in node and name in SECTION_DOCS:
         return {"description": SECTION_DOCS[name], **node}
@@ -112,7 +134,31 @@ def spec_schema() -> dict[str, Any]:
                 " && has(self.model.referenceUri))",
         "message": "training.loss: simpo is reference-free; remove model.referenceUri",
     }]
+    reserved = ", ".join(f"'{n}'" for n in RESERVED_ENV)
+    props["env"]["x-kubernetes-validations"] = [{
+        "rule": f"self.all(e, !(e.name in [{reserved}]) && !e.name.startsWith('{RESERVED_ENV_PREFIX}'))",
+        "message": f"env: {', '.join(RESERVED_ENV)} and {RESERVED_ENV_PREFIX}* are set by the operator",
+    }]
+    props["metrics"]["x-kubernetes-validations"] = [{
+        "rule": f"!has(self.port) || self.port != {DEFAULT_RENDEZVOUS_PORT}",
+        "message": f"metrics.port: {DEFAULT_RENDEZVOUS_PORT} is the rendezvous port; pick another",
+    }]
+    for section, key in URI_FIELDS:
+        field = props[section]["properties"][key]
+        field["maxLength"] = field.get("maxLength", 4096)
+        field.setdefault("x-kubernetes-validations", []).append({
+            "rule": "!self.matches('^[A-Za-z][-A-Za-z0-9+.]*://[^/?#]*@')",
+            "message": f"{section}.{key}: no credentials in URIs; put them in a Secret and use envFrom",
+        })
     return schema
+
+
+DEFAULT_RENDEZVOUS_PORT = 29500  # settings.OperatorSettings.rendezvous_port; a custom one is checked by policy.py
+NAME_RULE = {
+    "rule": f"size(self.metadata.name) <= {MAX_NAME} && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+    "message": f"metadata.name must be a DNS-1035 label of at most {MAX_NAME} characters (lower-case letters, "
+               "digits and '-', starting with a letter): it names the Service and the pods' hostnames",
+}
 
 
 def status_schema() -> dict[str, Any]:
@@ -154,6 +200,7 @@ def build_crd() -> dict[str, Any]:
                     "type": "object",
                     "description": "A DPO fine-tuning run of a causal language model, as a gang of pods.",
                     "required": ["spec"],
+                    "x-kubernetes-validations": [NAME_RULE],
                     "properties": {
                         "apiVersion": {"type": "string", "description": "API version of this object."},
                         "kind": {"type": "string", "description": "DPOJob."},
@@ -170,3 +217,38 @@ def build_crd() -> dict[str, Any]:
 def render_crd() -> str:
     header = "# Generated by `kubedpo crd` from kubedpo_operator/api.py: do not edit by hand.\n"
     return header + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+
+
+def to_jsonschema(node: Any) -> Any:
+    """OpenAPI v3 (Kubernetes flavour) → JSON Schema: nullable, boolean bounds, int-or-string, and
+    unknown fields refused (the API server prunes them, or refuses them under kubectl's default
+    strict field validation)."""
+    if isinstance(node, list):
+        return [to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+    for bound, flag in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if out.get(bound) is True:
+            out[bound] = out.pop(flag)
+    if node.get("x-kubernetes-int-or-string"):
+        out["type"] = ["integer", "string"]
+    if out.pop("nullable", False):
+        out["type"] = [out["type"], "null"]
+    if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def _spec_validator() -> jsonschema.protocols.Validator:
+    return jsonschema.Draft202012Validator(to_jsonschema(spec_schema()))
+
+
+def spec_schema_problems(spec: Any) -> list[tuple[str, str]]:
+    """What the API server's schema check refuses in a raw spec, as (field, message), sorted by field."""
+    out = []
+    for err in _spec_validator().iter_errors(spec):
+        field = "spec" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+        out.append((field, err.message.replace("Additional properties are not allowed", "unknown field")))
+    return sorted(out)

@@ -17,11 +17,14 @@ from typing import Any, cast
 
 import kopf
 
-from .api import FINISHED_PHASES, GROUP, PLURAL, VERSION, DPOJobSpec, SpecError, check_name, parse_spec
-from .children import LABEL_ATTEMPT, LABEL_JOB, MANAGED_BY, build_children, config_map_name, job_name
+from .admission import admit, plan_attempt
+from .api import FINISHED_PHASES, GROUP, PLURAL, VERSION, DPOJobSpec, SpecError, parse_spec
+from .api_errors import Refused
+from .children import LABEL_ATTEMPT, LABEL_JOB, MANAGED_BY, config_map_name, job_name
+from .failures import ChildRequestError, record_failure, record_success, retry_due
 from .kube import Kube
 from .metrics import OperatorMetrics
-from .progress import fetch_metrics, metrics_url, parse_metrics, progress_patch
+from .scrape import read_progress
 from .settings import OperatorSettings
 from .status import (
     Transition,
@@ -55,13 +58,36 @@ def _event(obj: kopf.Body, warning: bool, reason: str, message: str) -> None:
 
 def ensure_attempt(memo: kopf.Memo, namespace: str, name: str, uid: str, spec: DPOJobSpec,
                    attempt: int, start_time: str | None) -> int:
-    """Create whichever of the attempt's children are missing; returns how many were created."""
+    """Create whichever of the attempt's children are missing; returns how many were created.
+
+    Every child is checked before any is sent (SpecError); a failed API call raises
+    ChildRequestError naming the child, for `failures.record_failure` to classify.
+    """
     deadline = remaining_deadline(spec.run_policy, start_time, datetime.now(UTC))
     created = 0
-    for obj in build_children(name, namespace, uid, spec, attempt, memo.settings, deadline):
-        if memo.kube.get(obj["kind"], namespace, obj["metadata"]["name"]) is None:
-            created += memo.kube.create(obj)
+    for obj in plan_attempt(name, namespace, uid, spec, attempt, memo.settings, deadline):
+        child = f"{obj['kind']} {obj['metadata']['name']}"
+        try:
+            if memo.kube.get(obj["kind"], namespace, obj["metadata"]["name"]) is None:
+                created += memo.kube.create(obj)
+        except Exception as err:
+            raise ChildRequestError(f"create {child}", err) from err
     return created
+
+
+def ensure_or_record(memo: kopf.Memo, dpo: dict[str, Any], spec: DPOJobSpec, attempt: int) -> bool:
+    """ensure_attempt from the level-triggered paths: failures become status, never a retry storm."""
+    namespace, name = dpo["metadata"]["namespace"], dpo["metadata"]["name"]
+    if not retry_due(memo, namespace, name):
+        return False
+    try:
+        ensure_attempt(memo, namespace, name, dpo["metadata"]["uid"], spec, attempt,
+                       (dpo.get("status") or {}).get("startTime"))
+    except (SpecError, ChildRequestError) as err:
+        record_failure(memo, dpo, err)
+        return False
+    record_success(memo, namespace, name)
+    return True
 
 
 def delete_attempt(memo: kopf.Memo, namespace: str, name: str, attempt: int) -> None:
@@ -88,10 +114,9 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
             spec = parse_spec(dpo.get("spec"))
         except SpecError:
             return  # the create handler reports it
-        uid = dpo["metadata"]["uid"]
         job = memo.kube.get("Job", namespace, job_name(name, attempt))
         if job is None:  # lost (e.g. operator stopped between delete and create): recreate
-            ensure_attempt(memo, namespace, name, uid, spec, attempt, status.get("startTime"))
+            ensure_or_record(memo, dpo, spec, attempt)
             return
         t = next_transition(status, job_state(job), spec.run_policy, spec.workers)
         if t is None:
@@ -103,7 +128,7 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
         if t.restart:
             memo.metrics.restarts.labels(reason=t.reason).inc()
             delete_attempt(memo, namespace, name, attempt)
-            ensure_attempt(memo, namespace, name, uid, spec, attempt + 1, status.get("startTime"))
+            ensure_or_record(memo, memo.kube.get_dpojob(namespace, name) or dpo, spec, attempt + 1)
 
 
 def reconcile(*, body: kopf.Body, name: str, namespace: str | None, uid: str, meta: kopf.Meta, memo: kopf.Memo,
@@ -116,8 +141,7 @@ def reconcile(*, body: kopf.Body, name: str, namespace: str | None, uid: str, me
     namespace = _namespaced(namespace)
     with memo.metrics.timed("reconcile"):
         try:
-            check_name(name)
-            spec = parse_spec(dict(body.get("spec") or {}))
+            spec = admit(name, body.get("spec"), memo.settings)
         except SpecError as err:
             status = dict(body.get("status") or {})
             if status.get("phase") not in FINISHED_PHASES:
@@ -139,8 +163,15 @@ def reconcile(*, body: kopf.Body, name: str, namespace: str | None, uid: str, me
                 memo.kube.patch_dpojob_status(namespace, name, status)
                 _event(body, False, "Created", status["message"])
             memo.metrics.observe_phase(namespace, name, status["phase"])
-            ensure_attempt(memo, namespace, name, uid, spec, int(status.get("attempt") or 0),
-                           status.get("startTime"))
+            try:
+                ensure_attempt(memo, namespace, name, uid, spec, int(status.get("attempt") or 0),
+                               status.get("startTime"))
+            except (SpecError, ChildRequestError) as err:
+                outcome = record_failure(memo, memo.kube.get_dpojob(namespace, name) or fresh, err)
+                if isinstance(outcome, Refused):
+                    raise kopf.PermanentError(f"{outcome.field}: {outcome.message}") from None
+                raise kopf.TemporaryError(outcome.reason, delay=outcome.delay) from None
+            record_success(memo, namespace, name)
 
 
 def on_suspend(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str | None, meta: kopf.Meta,
@@ -178,8 +209,7 @@ def on_job_event(*, type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> No
         sync(memo, body["metadata"]["namespace"], labels[LABEL_JOB], int(labels[LABEL_ATTEMPT]))
 
 
-async def on_tick(*, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, patch: kopf.Patch,
-                  **_: Any) -> None:
+async def on_tick(*, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     """Periodic: TTL deletion, a level-triggered resync, and status.progress from rank 0."""
     namespace = _namespaced(namespace)
     status = dict(body.get("status") or {})
@@ -198,10 +228,8 @@ async def on_tick(*, body: kopf.Body, name: str, namespace: str | None, memo: ko
     with memo.metrics.timed("tick"):
         await asyncio.to_thread(sync, memo, namespace, name)
     if status.get("phase") == "Running" and spec.metrics.port:
-        url = metrics_url(memo.settings, name, namespace, int(status.get("attempt") or 0), spec.metrics.port)
-        text = await fetch_metrics(url, memo.settings.metrics_timeout_s)
-        if text:
-            patch.status.update(progress_patch(parse_metrics(text), spec.checkpoint.uri, now_iso()))
+        await read_progress(memo, name, namespace, int(status.get("attempt") or 0), spec.metrics.port,
+                            spec.checkpoint.uri)
 
 
 def on_delete(*, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:

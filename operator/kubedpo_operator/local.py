@@ -21,6 +21,7 @@ from typing import IO
 
 import yaml
 
+from kubedpo_trainer.config import LOG_FORMAT_ENV, resolve_log_format
 from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, combine_exit_codes
 
 from .api import KIND, DPOJobSpec, SpecError, check_name, parse_spec
@@ -64,16 +65,23 @@ def _pipe(stream: IO[bytes], prefix: str, out: IO[str]) -> None:
 
 
 def run_attempt(spec: DPOJobSpec, name: str, namespace: str, attempt: int, config_path: str,
-                out: IO[str] = sys.stdout) -> int:
-    """All workers of one attempt; their output streamed with a `[worker i]` prefix."""
+                out: IO[str] = sys.stdout, log_format: str = "json") -> int:
+    """All workers of one attempt; their output streamed with a `[worker i]` prefix.
+
+    With `log_format` "rich", worker 0 (global rank 0) owns the terminal and draws the live
+    display; the others log warnings only, still prefixed.
+    """
     port = _free_port()
     args = trainer_args(spec, name, attempt, config_path, addr="127.0.0.1", port=port)
     if spec.gpus_per_worker and not shutil.which("nvidia-smi"):
         print(f"no GPU here: running {spec.gpus_per_worker} ranks per worker on the CPU", file=out)
     procs, pipes = [], []
     for i in range(spec.workers):
-        p = subprocess.Popen([sys.executable, "-m", "kubedpo_trainer.cli", *args],
-                             env=local_env(spec, name, namespace, attempt, i),
+        env = {**local_env(spec, name, namespace, attempt, i), LOG_FORMAT_ENV: log_format}
+        if i == 0 and log_format == "rich":
+            procs.append(subprocess.Popen([sys.executable, "-m", "kubedpo_trainer.cli", *args], env=env))
+            continue
+        p = subprocess.Popen([sys.executable, "-m", "kubedpo_trainer.cli", *args], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         t = threading.Thread(target=_pipe, args=(p.stdout, f"[worker {i}] ", out), daemon=True)
         t.start()
@@ -85,24 +93,27 @@ def run_attempt(spec: DPOJobSpec, name: str, namespace: str, attempt: int, confi
     return combine_exit_codes([c if c >= 0 else 1 for c in codes])
 
 
-def run(manifest: str, out: IO[str] = sys.stdout) -> int:
+def run(manifest: str, out: IO[str] = sys.stdout, log_format: str | None = None) -> int:
+    """`log_format`: auto (None: rich when `out` is a terminal), json or rich."""
     try:
         name, namespace, spec = load_manifest(manifest)
-    except SpecError as err:
+        fmt = resolve_log_format(log_format, out)
+    except (SpecError, ValueError) as err:
         print(f"{manifest}: {err}", file=sys.stderr)
         return EXIT_CONFIG
     with tempfile.TemporaryDirectory(prefix=f"kubedpo-{name}-") as workdir:
         config_path = Path(workdir) / "config.yaml"
         config_path.write_text(yaml.safe_dump(spec.trainer_config().to_wire(), sort_keys=False))
-        return _run_attempts(spec, name, namespace, str(config_path), out)
+        return _run_attempts(spec, name, namespace, str(config_path), out, fmt)
 
 
-def _run_attempts(spec: DPOJobSpec, name: str, namespace: str, config_path: str, out: IO[str]) -> int:
+def _run_attempts(spec: DPOJobSpec, name: str, namespace: str, config_path: str, out: IO[str],
+                  log_format: str = "json") -> int:
     restarts, attempt = 0, 0
     max_restarts = spec.run_policy.max_restarts
     while True:
         print(f"{KIND}/{name}: attempt {attempt} with {spec.workers} worker(s)", file=out, flush=True)
-        code = run_attempt(spec, name, namespace, attempt, config_path, out)
+        code = run_attempt(spec, name, namespace, attempt, config_path, out, log_format)
         if code == EXIT_OK:
             print(f"{KIND}/{name}: Succeeded; output in {spec.output.uri}", file=out)
             return 0

@@ -29,8 +29,23 @@ class OperatorSettings:
     run_as_user: int = 1000
     """UID of the trainer container (the restricted Pod Security Standard needs non-root)."""
 
-    shm_size_limit: str = ""
-    """sizeLimit of the memory-backed /dev/shm emptyDir (empty: no limit, bounded by the pod's memory)."""
+    shm_size_limit: str = "16Gi"
+    """sizeLimit of the memory-backed /dev/shm emptyDir (it counts against the pod's memory; empty: no limit)."""
+
+    allowed_images: str = ""
+    """Comma-separated fnmatch patterns a DPOJob's spec.image must match (empty: any image)."""
+
+    allowed_service_accounts: str = ""
+    """Comma-separated fnmatch patterns for spec.serviceAccountName (empty: any)."""
+
+    allowed_priority_classes: str = ""
+    """Comma-separated fnmatch patterns for spec.priorityClassName (empty: any)."""
+
+    allowed_capabilities: str = ""
+    """Comma-separated Linux capabilities spec.pod.addCapabilities may add (empty: none, e.g. IPC_LOCK)."""
+
+    allowed_host_paths: str = ""
+    """Comma-separated path prefixes hostPath volumes may use (empty: no hostPath volumes)."""
 
     progress_interval_s: float = 15.0
     """Seconds between reads of rank 0's metrics into status.progress (and TTL checks)."""
@@ -41,8 +56,21 @@ class OperatorSettings:
     metrics_timeout_s: float = 5.0
     """Timeout of one metrics read; a slow trainer never blocks the operator."""
 
+    metrics_max_bytes: int = 1048576
+    """Largest /metrics body read from rank 0 (bytes); a larger one is refused with a condition.
+    The trainer's own exposition is a few KiB: the cap bounds operator memory per DPOJob."""
+
+    metrics_max_samples: int = 20000
+    """Most samples parsed from rank 0's /metrics; more are refused with a condition."""
+
     handler_backoff_s: float = 10.0
     """Seconds before kopf retries a failed create/resume handler (the tick also resyncs)."""
+
+    api_retry_base_s: float = 1.0
+    """First delay after a 5xx/429 from the API server when creating children; doubles per try."""
+
+    api_retry_max_s: float = 300.0
+    """Longest delay between those tries (a larger Retry-After from the server still wins)."""
 
     operator_metrics_port: int = 8080
     """Port of the operator's own Prometheus endpoint (0 disables)."""

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.multiproc  # the example has 2 workers
 def test_kubedpo_run_tiny_example_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     build_all(tmp_path / ".demo" / "artifacts", n_train=1024, n_eval=64)
     monkeypatch.chdir(tmp_path)
@@ -23,6 +24,9 @@ def test_kubedpo_run_tiny_example_completes(tmp_path: Path, monkeypatch: pytest.
     log = out.getvalue()
     assert code == 0, log[-3000:]
     assert "[worker 0]" in log and "[worker 1]" in log and "Succeeded" in log
+    assert '"event": "train"' in log  # not a terminal: the pods' JSON lines, not the live display
+    png = (tmp_path / ".demo/runs/tiny-local/final/training_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     summary = json.loads((tmp_path / ".demo/runs/tiny-local/final/kubedpo_summary.json").read_text())
     assert summary["step"] == 60
     assert summary["eval"]["eval_rewards_accuracies"] > summary["eval_at_start"]["eval_rewards_accuracies"]

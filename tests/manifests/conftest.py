@@ -15,6 +15,8 @@ from tests.manifests.tools import ROOT, require_tool
 CHART = ROOT / "charts" / "kubedpo"
 SCENARIOS = sorted((CHART / "ci").glob("*.yaml"))
 RELEASE, NAMESPACE = "dpo", "kubedpo-system"
+# What a cluster with prometheus-operator serves: monitors render only when it is there.
+MONITORING_API = "monitoring.coreos.com/v1"
 
 Render = Callable[..., list[dict[str, Any]]]
 
@@ -30,10 +32,13 @@ def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="session")
 def render(helm: str) -> Render:
-    """render(values_file=None, sets=(), crds=False) -> the rendered documents (dicts), in order."""
+    """render(values_file=None, sets=(), crds=False, api_versions=(MONITORING_API,)) -> documents, in order."""
 
-    def _render(values_file: Path | None = None, sets: Sequence[str] = (), crds: bool = False) -> list[dict]:
+    def _render(values_file: Path | None = None, sets: Sequence[str] = (), crds: bool = False,
+                api_versions: Sequence[str] = (MONITORING_API,)) -> list[dict]:
         args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+        for api in api_versions:
+            args += ["--api-versions", api]
         if values_file is not None:
             args += ["-f", str(values_file)]
         for s in sets:

@@ -60,8 +60,15 @@ class Emulator(kmock.KubernetesEmulator):
     """
 
     _rv: int = attrs.field(default=0, init=False)
+    # Answer-before-storing hooks: kmock's reactions override the response but still store the
+    # object, which is not what a real API server does with a request it refuses (422, 429...).
+    refusals: list[Callable[[Any], Any]] = attrs.field(factory=list, init=False)
 
     async def _handle(self, request: Any) -> Any:
+        for refuse in self.refusals:
+            response = refuse(request)
+            if response is not None:
+                return response
         if request.resource is not None and isinstance(request.data, dict | list):
             self._rv += 1
             rv = str(self._rv)

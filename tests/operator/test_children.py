@@ -23,6 +23,7 @@ from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED
 from tests.operator.conftest import minimal_spec
 
 K8S = kubernetes_validate.latest_version()
+OLDEST = "1.28.0"  # the chart's kubeVersion floor
 
 
 def _spec(**extra):
@@ -38,7 +39,29 @@ def _spec(**extra):
 ])
 def test_children_are_valid_kubernetes_objects(extra):
     for obj in build_children("j", "ns", "uid-1", _spec(**extra), 0, OperatorSettings(), 30):
-        kubernetes_validate.validate(obj, K8S, strict=True)
+        for version in (OLDEST, K8S):  # 1.28 required onPodConditions[].status: found this way
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_pod_section_reaches_the_pod_and_operator_labels_win():
+    spec = _spec(pod={"labels": {"team": "a", "cost-centre": "ml"}, "annotations": {"note": "x"},
+                      "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "cache"}}],
+                      "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+                      "imagePullSecrets": [{"name": "regcred"}], "addCapabilities": ["IPC_LOCK"]},
+                 resources={"limits": {"rdma/hca": 1}})
+    job = build_job("j", "ns", "u", spec, 0, OperatorSettings())
+    tpl = job["spec"]["template"]
+    assert tpl["metadata"]["labels"]["team"] == "a" and tpl["metadata"]["labels"]["kubedpo.io/job-name"] == "j"
+    assert tpl["metadata"]["annotations"] == {"note": "x"}
+    pod = tpl["spec"]
+    c = pod["containers"][0]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "cache"}} in pod["volumes"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert c["resources"]["limits"]["rdma/hca"] == "1"
+    for version in (OLDEST, K8S):
+        kubernetes_validate.validate(job, version, strict=True)
 
 
 def test_gang_job_shape():
@@ -53,7 +76,10 @@ def test_gang_job_shape():
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod["volumes"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the one writable path: HOME lives there
+    assert {"name": "HOME", "value": "/tmp"} in c["env"]
     args = c["args"]
     assert args[args.index("--nnodes") + 1] == "3" and args[args.index("--nproc-per-node") + 1] == "4"
     assert args[args.index("--master-addr") + 1] == "llama-2-0.llama-2"
@@ -63,7 +89,7 @@ def test_gang_job_shape():
 
 def test_pod_failure_policy_matches_the_trainer_exit_codes():
     rules = build_job("j", "ns", "u", _spec(), 0, OperatorSettings())["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[RULE_CONFIG]["action"] == "FailJob"
     assert rules[RULE_CONFIG]["onExitCodes"]["values"] == [EXIT_CONFIG]
     assert rules[RULE_PREEMPTED]["onExitCodes"]["values"] == [EXIT_PREEMPTED]

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from kubedpo_operator.crd import build_crd, render_crd
+from kubedpo_operator.crd import build_crd, render_crd, to_jsonschema
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "kubedpo.io_dpojobs.yaml"
@@ -18,23 +18,6 @@ CRD_FILE = ROOT / "crds" / "kubedpo.io_dpojobs.yaml"
 
 def openapi_schema() -> dict[str, Any]:
     return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-
-
-def to_jsonschema(node: Any) -> Any:
-    """OpenAPI v3 (Kubernetes flavour) → JSON Schema: nullable, boolean exclusive bounds."""
-    if isinstance(node, list):
-        return [to_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
-    for bound, flag in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-        if out.get(bound) is True:
-            out[bound] = out.pop(flag)
-    if out.pop("nullable", False):
-        out["type"] = [out["type"], "null"]
-    if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False  # the API server prunes unknown fields; we reject them
-    return out
 
 
 def validate(manifest: dict) -> None:
@@ -58,11 +41,33 @@ def _walk(node: dict, path: str = "$"):
 def test_schema_is_structural_and_documented():
     forbidden = {"$ref", "$defs", "anyOf", "allOf", "oneOf", "title", "const"}
     for path, node in _walk(openapi_schema()):
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        assert ("type" in node or node.get("x-kubernetes-preserve-unknown-fields")
+                or node.get("x-kubernetes-int-or-string")), path
         assert not forbidden & set(node), path
         assert not (node.get("properties") and "additionalProperties" in node), path
         if path.startswith(("$.spec", "$.status")) and not path.endswith(("[]", "{}")):
             assert node.get("description"), f"{path} has no description (kubectl explain)"
+        assert "x-kubedpo-core" not in node and "x-kubedpo-many" not in node, path
+
+
+def test_kubernetes_objects_embed_core_v1_schemas_so_explain_works_and_typos_are_refused():
+    spec = openapi_schema()["properties"]["spec"]["properties"]
+    env = spec["env"]["items"]
+    assert env["required"] == ["name"] and set(env["properties"]) == {"name", "value", "valueFrom"}
+    assert "secretKeyRef" in env["properties"]["valueFrom"]["properties"]
+    limits = spec["resources"]["properties"]["limits"]["additionalProperties"]
+    assert limits["x-kubernetes-int-or-string"] is True and "pattern" in limits
+    term = spec["affinity"]["properties"]["nodeAffinity"]["properties"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" in term
+    assert "persistentVolumeClaim" in spec["pod"]["properties"]["volumes"]["items"]["properties"]
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    doc["spec"]["env"] = [{"name": "A", "valu": "typo"}]
+    with pytest.raises(jsonschema.ValidationError, match="valu"):
+        validate(doc)
+    doc["spec"]["env"] = [{"name": "A", "value": "x"}]
+    doc["spec"]["resources"] = {"limits": "4Gi"}
+    with pytest.raises(jsonschema.ValidationError, match="4Gi"):
+        validate(doc)
 
 
 def test_crd_names_columns_and_rules():

@@ -133,3 +133,30 @@ def test_cross_field_rules_match_the_operators_own_check(change: dict[str, Any],
     assert field in str(err.value)
     doc["spec"] = example()["spec"]  # and the unchanged example is accepted by both
     assert violations(doc) == [] and parse_spec(doc["spec"])
+
+
+@pytest.mark.parametrize(("change", "cel_message", "field"), [
+    ({"metadata": {"name": "job.v2"}}, "DNS-1035 label", "metadata.name"),
+    ({"metadata": {"name": "1st-run"}}, "DNS-1035 label", "metadata.name"),
+    ({"metadata": {"name": "x" * 53}}, "at most 52", "metadata.name"),
+    ({"spec": {"env": [{"name": "RANK", "value": "3"}]}}, "set by the operator", "spec.env[0].name"),
+    ({"spec": {"env": [{"name": "KUBEDPO_ATTEMPT", "value": "3"}]}}, "set by the operator", "spec.env[0].name"),
+    ({"spec": {"model": {"uri": "s3://AKIA:secret@bucket/m/"}}}, "no credentials in URIs", "spec.model.uri"),
+    ({"spec": {"s3": {"endpointUrl": "http://user:pw@minio:9000"}}}, "no credentials in URIs",
+     "spec.s3.endpointUrl"),
+    ({"spec": {"metrics": {"port": 29500}}}, "rendezvous port", "spec.metrics.port"),
+])
+def test_admission_rules_refuse_what_the_operator_refuses(change: dict[str, Any], cel_message: str,
+                                                          field: str) -> None:
+    """CEL refuses at `kubectl apply`; the operator's own admission (for `kubedpo validate`, and for a
+    CRD installed without the rules) refuses the same, naming the same field."""
+    from kubedpo_operator.admission import check_manifest
+
+    doc = example()
+    doc["metadata"].update(change.get("metadata", {}))
+    doc["spec"].update(change.get("spec", {}))
+    got = violations(doc)
+    assert len(got) == 1 and cel_message in got[0], got
+    with pytest.raises(SpecError) as err:
+        check_manifest(doc)
+    assert err.value.field == field, err.value

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from kubedpo_operator.progress import fetch_metrics, metrics_url, parse_metrics, progress_patch
+import json
+import math
+
+import pytest
+
+from kubedpo_operator.progress import (
+    MetricsError,
+    fetch_metrics,
+    metrics_url,
+    non_finite,
+    parse_metrics,
+    progress_patch,
+)
 from kubedpo_operator.settings import OperatorSettings
 from kubedpo_trainer.metrics import TrainerMetrics
 from tests.operator.conftest import eventually, minimal_spec
@@ -51,3 +63,34 @@ async def test_operator_fills_status_progress_while_running(cluster, operator):
     got = await eventually(progress)
     assert got["step"] == 120 and got["rewardAccuracy"] == 0.75
     assert (await cluster.status("prog"))["lastCheckpoint"]["step"] == 100
+
+
+# --- untrusted endpoint (issue 9): caps, malformed text, non-finite values -----------------------
+
+def test_non_finite_values_never_reach_status():
+    inf = math.inf
+    assert progress_patch({"step": inf, "loss": 0.5}, None, "t") == {}  # used to raise OverflowError
+    patch = progress_patch({"step": 3, "loss": inf, "eta_seconds": inf, "total_steps": -inf,
+                            "last_checkpoint_step": inf, "epoch": 1e300}, "s3://c", "t")
+    json.dumps(patch, allow_nan=False)
+    assert patch["progress"] == {"step": 3, "loss": None, "eta": None, "totalSteps": None, "epoch": 1e300,
+                                 "updatedAt": "t"}
+    assert "lastCheckpoint" not in patch
+    assert non_finite({"loss": inf, "eta_seconds": -inf, "epoch": float("nan"), "other": inf}) == [
+        "eta_seconds", "loss"]
+    with pytest.raises(MetricsError) as err:
+        parse_metrics("".join(f'kubedpo_x{{i="{i}"}} 1\n' for i in range(11)), max_samples=10)
+    assert err.value.reason == "TooManyMetricSamples"
+    with pytest.raises(MetricsError) as err:
+        parse_metrics("kubedpo_step{rank=0 1\n")
+    assert err.value.reason == "MalformedMetrics"
+
+
+async def test_fetch_refuses_a_body_over_the_cap():
+    port = _serve({"step": 1})  # the real exposition is a few KiB
+    url = f"http://127.0.0.1:{port}/metrics"
+    text = await fetch_metrics(url, 2, max_bytes=1 << 20)
+    assert text and len(text) < 64 * 1024
+    with pytest.raises(MetricsError) as err:
+        await fetch_metrics(url, 2, max_bytes=100)
+    assert err.value.reason == "MetricsTooLarge"

@@ -1,5 +1,6 @@
-"""FSDP through accelerate's own config (ACCELERATE_USE_FSDP + FSDP_* env, what `accelerate launch
---config_file fsdp.yaml` sets): 2 ranks, gloo, CPU, the real trainer on the tiny Llama.
+"""FSDP2 from the DPOJob (`training.distributed.strategy: fsdp`) and from accelerate's own config
+(ACCELERATE_USE_FSDP + FSDP_* env, what `accelerate launch --config_file fsdp.yaml` sets): 2 ranks,
+gloo, CPU, the real trainer on the tiny Llama.
 
 accelerate 1.15 grants FSDP only on GPU-type backends: on CPU it silently keeps MULTI_CPU (DDP)
 and ignores the FSDP config (torch's FSDP1 refuses CPU outright: "FSDP needs a non-CPU
@@ -26,7 +27,7 @@ import yaml
 
 from tests.support.runs import Run, free_port, run_trainer, tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 STEPS, EVERY = 6, 3
 TOL = 1e-4  # loss per step, and every exported weight: reduction order differs (all-reduce vs reduce-scatter)
@@ -64,22 +65,26 @@ main(sys.argv[1:])
 '''
 
 
-def _config(tiny: Any, out: Path, ckpt: Path | None = None) -> dict[str, Any]:
+def _config(tiny: Any, out: Path, ckpt: Path | None = None, strategy: str = "ddp") -> dict[str, Any]:
     """2 ranks x 4 pairs, rows in file order, a checkpoint every 3 steps."""
-    cfg = tiny_config(tiny, out, data={"shuffleBuffer": 1}, training={"maxSteps": STEPS, "batchSize": 4})
+    cfg = tiny_config(tiny, out, data={"shuffleBuffer": 1}, training={
+        "maxSteps": STEPS, "batchSize": 4, "distributed": {"strategy": strategy}})
     if ckpt is not None:
         cfg["checkpoint"] = {"uri": str(ckpt), "everySteps": EVERY, "keepLast": 5}
     return cfg
 
 
-def run_fsdp(cfg: dict[str, Any], out: Path, launcher: Path, env: dict[str, str] | None = None) -> Run:
+def run_fsdp(cfg: dict[str, Any], out: Path, launcher: Path, env: dict[str, str] | None = None,
+             from_env: bool = True) -> Run:
+    """`from_env`: FSDP asked for through accelerate's env (power users); else the spec must ask."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            str(launcher), "--config", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **FSDP_ENV, **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(FSDP_ENV if from_env else {}),
+                               **(env or {})})
     return Run(proc.returncode, proc.stderr, out)
 
 
@@ -95,22 +100,24 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
-    """A DDP run, an FSDP run of the same job, and an FSDP run resumed from the latter's step 3."""
+    """A DDP run, an FSDP run of the same job (asked for in the spec), and an FSDP run resumed from
+    the latter's step 3."""
     tmp = tmp_path_factory.mktemp("fsdp")
     launcher = tmp / "fsdp_launcher.py"
     launcher.write_text(_LAUNCHER)
     out: dict[str, Run] = {}
     out["ddp"] = run_trainer(_config(tiny, tmp / "ddp"), tmp / "ddp", nproc=2, torchrun=True)
-    out["fsdp"] = run_fsdp(_config(tiny, tmp / "fsdp", tmp / "fsdp" / "ckpt"), tmp / "fsdp", launcher)
+    out["fsdp"] = run_fsdp(_config(tiny, tmp / "fsdp", tmp / "fsdp" / "ckpt", "fsdp"), tmp / "fsdp", launcher,
+                           from_env=False)
     for name in ("ddp", "fsdp"):
         assert out[name].returncode == 0, out[name].stderr[-4000:]
     # An interrupted run: only the step-3 checkpoint exists; the restart must continue from it.
     resumed_ckpt = tmp / "resumed" / "ckpt"
     shutil.copytree(tmp / "fsdp" / "ckpt" / "step-000003", resumed_ckpt / "step-000003")
     # Also without clipping (norms here are < 1, so nothing changes): the unclipped grad-norm path.
-    cfg = _config(tiny, tmp / "resumed", resumed_ckpt)
+    cfg = _config(tiny, tmp / "resumed", resumed_ckpt, "fsdp")
     cfg["training"]["maxGradNorm"] = None
-    out["resumed"] = run_fsdp(cfg, tmp / "resumed", launcher)
+    out["resumed"] = run_fsdp(cfg, tmp / "resumed", launcher, from_env=False)
     assert out["resumed"].returncode == 0, out["resumed"].stderr[-4000:]
     return out
 
@@ -129,18 +136,23 @@ def test_fsdp_run_is_sharded_and_trains_like_ddp(runs: dict[str, Run]) -> None:
     assert g_fsdp == pytest.approx(g_ddp, abs=TOL)  # the norm is reduced over shards, not one rank's
     assert fsdp.summary()["eval"]["eval_loss"] == pytest.approx(ddp.summary()["eval"]["eval_loss"], abs=TOL)
 
-    # Each rank checkpointed its own half of the optimizer state; the weights file is whole.
+    # Each rank checkpointed its own shards of weights and optimizer state (DCP); nothing gathered.
     step = fsdp.out / "ckpt" / "step-000003"
-    full = _weights(ddp.out / "output")
-    emb = "model.embed_tokens.weight"
-    for r in range(2):
-        opt = torch.load(step / f"optimizer-rank{r}.pt", weights_only=False)
-        rows = [s["exp_avg"].shape[0] for s in opt["state"].values() if s["exp_avg"].dim() == 2]
-        assert max(rows) <= (full[emb].shape[0] + 1) // 2
-    assert not (step / "optimizer.pt").exists()
-    from safetensors.torch import load_file
+    assert sorted(p.name for p in (step / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (step / "optimizer.pt").exists() and not (step / "model.safetensors").exists()
+    sizes = [(step / "sharded" / f"__{r}_0.distcp").stat().st_size for r in range(2)]
+    assert abs(sizes[0] - sizes[1]) < 0.05 * sum(sizes)  # halves, not one rank holding everything
 
-    assert load_file(str(step / "model.safetensors"))[emb].shape == full[emb].shape
+
+def test_fsdp_reference_is_sharded_too(runs: dict[str, Run]) -> None:
+    """Policy and reference: each rank holds about 1/world of the parameters (DDP: all of them)."""
+    mem, ddp = runs["fsdp"].summary()["memory"], runs["ddp"].summary()["memory"]
+    full = mem["reference_full_bytes"]
+    assert full == mem["policy_full_bytes"] == ddp["reference_full_bytes"] > 0
+    for r in range(2):
+        assert mem["reference_local_bytes"][r] == pytest.approx(full / 2, rel=0.02), r
+        assert mem["policy_local_bytes"][r] == pytest.approx(full / 2, rel=0.02), r
+        assert ddp["reference_local_bytes"][r] == full
 
 
 def test_fsdp_export_is_a_full_model_equal_to_ddp(tiny, runs: dict[str, Run]) -> None:
@@ -170,6 +182,17 @@ def test_fsdp_resume_continues_exactly(runs: dict[str, Run]) -> None:
         assert g_res[s] == pytest.approx(g_base[s], abs=TOL), s
     final_a, final_b = _weights(resumed.out / "output"), _weights(base.out / "output")
     assert all((final_a[k] - final_b[k]).abs().max().item() <= 1e-5 for k in final_a)
+
+
+def test_fsdp_spec_without_gpu_warns_and_runs_ddp(tiny, tmp_path: Path) -> None:
+    """Unpatched accelerate on CPU: the spec's FSDP is not granted; every rank loads the weights
+    itself (no broadcast to wait for) and the run says why it is DDP."""
+    cfg = tiny_config(tiny, tmp_path, data={"shuffleBuffer": 1},
+                      training={"maxSteps": 2, "batchSize": 4, "distributed": {"strategy": "fsdp"}})
+    cfg["data"].pop("eval")
+    run = run_trainer(cfg, tmp_path, nproc=2, torchrun=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "training.distributed.strategy is fsdp but accelerate runs MULTI_CPU" in run.stderr
 
 
 def test_fsdp_env_without_gpu_warns_and_runs_ddp(tiny, tmp_path: Path) -> None:

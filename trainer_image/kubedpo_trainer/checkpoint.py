@@ -2,8 +2,11 @@
 
 Layout of one checkpoint (DESIGN.md):
     <checkpoint.uri>/step-000500/
-        model.safetensors | adapter_model.safetensors   trainable weights (LoRA: the adapter only)
-        optimizer.pt, scheduler.pt, trainer_state.json  rank 0 (under FSDP: optimizer-rank<r>.pt, every rank)
+        model.safetensors | adapter_model.safetensors   trainable weights (LoRA: the adapter only), rank 0
+        optimizer.pt                                    rank 0
+        sharded/                                        instead of the two above under FSDP: every rank's
+                                                        shards of both (sharded_checkpoint.py, DCP)
+        scheduler.pt, trainer_state.json                rank 0
         rng-rank<r>.pt, data-rank<r>.json              every rank (its RNG and exact stream position)
         rank-<r>.done                                  rank r's files are all uploaded
         COMPLETE                                       written last, by rank 0, after every rank-<r>.done
@@ -31,18 +34,60 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import storage
+from .config import CHECKPOINT_STEP_PREFIX, checkpoint_step_name
 from .errors import InputError, StorageError
 from .model_kinds import is_peft
 
 log = logging.getLogger(__name__)
 
+# --- the layout: every name in a checkpoint, for the writer and the reader alike -------------
+
 COMPLETE = "COMPLETE"
-_STEP_RE = re.compile(r"step-(\d+)/COMPLETE$")
-_ANY_STEP_RE = re.compile(r"step-(\d+)/")
+SHARDED_DIR = "sharded"  # under FSDP: model + optimizer shards as a torch.distributed.checkpoint folder
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+TRAINER_STATE = "trainer_state.json"
+_STEP_RE = re.compile(rf"{re.escape(CHECKPOINT_STEP_PREFIX)}(\d+)/{COMPLETE}$")
+_ANY_STEP_RE = re.compile(rf"{re.escape(CHECKPOINT_STEP_PREFIX)}(\d+)/")
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def data_file(rank: int) -> str:
+    return f"data-rank{rank}.json"
+
+
+def done_marker(rank: int) -> str:
+    return f"rank-{rank}.done"
 
 
 def step_dir(uri: str, step: int) -> str:
-    return storage.join(uri, f"step-{step:06d}")
+    return storage.join(uri, checkpoint_step_name(step))
+
+
+# --- the formats: a writer for the Snapshot and the matching reader --------------------------
+
+
+def torch_file(obj: Any) -> Callable[[Path], None]:
+    return lambda path: torch.save(obj, path)
+
+
+def json_file(obj: Any) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(obj))
+
+    return write
+
+
+def load_torch(path: Path) -> Any:
+    """What `torch_file` wrote: optimizer/scheduler state dicts and RNG states (our own pickles)."""
+    return torch.load(path, weights_only=False)
+
+
+def load_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
 def _steps(uri: str, pattern: re.Pattern[str]) -> list[int]:
@@ -106,56 +151,19 @@ def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(state, str(path))
 
 
-def load_trainable_state(model: torch.nn.Module, path: Path, sharded: bool = False) -> None:
-    """`sharded`: `model` is FSDP-wrapped; each rank keeps its shard of the full weights in `path`."""
+def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
     state = load_file(str(path))
     if is_peft(model):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, state)
         return
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, ValueType, set_model_state_dict
-
-        full: dict[str, ValueType] = dict(state)
-        missing, unexpected = set_model_state_dict(
-            model, full, options=StateDictOptions(full_state_dict=True, strict=False))
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     real_missing = [k for k in missing if k not in tied]
     if real_missing or unexpected:
         raise InputError(f"{path}: checkpoint does not match the model: missing {real_missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-
-
-def _to_local(value: Any) -> Any:
-    return value.to_local() if hasattr(value, "to_local") else value
-
-
-def sharded_optimizer_state(optimizer: Any) -> dict[str, Any]:
-    """This rank's optimizer state under FSDP: FSDP2's DTensor shards as plain local tensors
-    (no device mesh pickled); FSDP1's flat shards are plain already."""
-    state = optimizer.state_dict()
-    return {**state, "state": {i: {k: _to_local(v) for k, v in s.items()} for i, s in state["state"].items()}}
-
-
-def load_sharded_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
-    """Inverse of `sharded_optimizer_state`: local shards become DTensors laid out like their
-    params again (same world size, same sharding), then the optimizer loads them."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for i, s in state["state"].items():
-        p = params[i]
-        if not hasattr(p, "device_mesh"):
-            continue
-        from torch.distributed.tensor import DTensor
-
-        local = p.to_local()
-        for k, v in s.items():
-            if isinstance(v, torch.Tensor) and v.shape == local.shape:
-                s[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
-                                          shape=p.shape, stride=p.stride())
-    optimizer.load_state_dict(state)
 
 
 # --- RNG ------------------------------------------------------------------------------------
@@ -230,7 +238,7 @@ class CheckpointWriter:
         """Write `snap` locally, start its upload; returns seconds the caller was blocked."""
         t0 = time.perf_counter()
         self.wait()
-        local = self.staging / f"step-{snap.step:06d}"
+        local = self.staging / checkpoint_step_name(snap.step)
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)
         for name, write in snap.files.items():
@@ -262,7 +270,7 @@ class CheckpointWriter:
     def _upload(self, step: int, local: Path) -> None:
         dest = step_dir(self.uri, step)
         storage.upload_dir(local, dest)
-        storage.write_bytes(storage.join(dest, f"rank-{self.rank}.done"), b"")
+        storage.write_bytes(storage.join(dest, done_marker(self.rank)), b"")
         if self.rank == 0:
             self._await_ranks(dest)
             storage.write_bytes(storage.join(dest, COMPLETE), json.dumps({"step": step}).encode())
@@ -275,7 +283,7 @@ class CheckpointWriter:
     def _await_ranks(self, dest: str) -> None:
         deadline = time.monotonic() + self.marker_timeout_s
         for r in range(1, self.world_size):
-            marker = storage.join(dest, f"rank-{r}.done")
+            marker = storage.join(dest, done_marker(r))
             while not storage.exists(marker):
                 if time.monotonic() > deadline:
                     raise StorageError(f"{dest}: rank {r} never finished uploading its part")

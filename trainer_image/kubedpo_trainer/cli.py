@@ -15,8 +15,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .config import load_config
-from .errors import EXIT_RETRIABLE, KubeDPOError
+from .config import LOG_FORMAT_ENV, LOG_FORMATS, load_config, resolve_log_format
+from .console import terminal
+from .errors import EXIT_CONFIG, EXIT_RETRIABLE, KubeDPOError
 from .launch import LaunchPlan, launch
 
 log = logging.getLogger("kubedpo_trainer")
@@ -26,6 +27,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kubedpo-trainer", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="Trainer config (YAML or JSON), e.g. a DPOJob's spec.")
     p.add_argument("--check", action="store_true", help="Validate the config and exit (0 valid, 2 invalid).")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                   help=f"json: one JSON line per logging step (pods); rich: a live display; auto (default, "
+                        f"or env {LOG_FORMAT_ENV}): rich when stdout is a terminal.")
     g = p.add_argument_group("launch (the pod's command; omit when started by torchrun/accelerate)")
     g.add_argument("--nproc-per-node", type=int, default=None, help="Local ranks to start.")
     g.add_argument("--nnodes", type=int, default=1)
@@ -36,9 +40,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def setup_logging() -> None:
+    """Plain lines on stderr; in rich mode rank 0 logs through the display's console, others warn only."""
     rank = os.environ.get("RANK", "0")
+    level = os.environ.get("KUBEDPO_LOG_LEVEL", "INFO")
+    if resolve_log_format() == "rich":
+        if rank != "0":
+            level = "WARNING"  # a second writer on the terminal would tear rank 0's live display
+        else:
+            from rich.logging import RichHandler
+
+            logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
+                                handlers=[RichHandler(console=terminal(), show_path=False)])
+            return
     logging.basicConfig(
-        level=os.environ.get("KUBEDPO_LOG_LEVEL", "INFO"),
+        level=level,
         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -46,6 +61,12 @@ def setup_logging() -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Decided once, by the process that owns the terminal, and inherited by every rank it starts.
+    try:
+        os.environ[LOG_FORMAT_ENV] = resolve_log_format(args.log_format)
+    except ValueError as err:
+        print(f"kubedpo-trainer: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging()
     try:
         cfg = load_config(args.config)

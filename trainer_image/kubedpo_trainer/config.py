@@ -9,9 +9,11 @@ Unknown fields are rejected (`extra="forbid"`) so that a typo never silently bec
 from __future__ import annotations
 
 import json
+import os
+import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,12 +31,17 @@ from .errors import ConfigError
 
 
 class Schema(BaseModel):
-    """Base of every spec model: camelCase aliases, unknown fields are errors."""
+    """Base of every spec model: camelCase aliases, unknown fields are errors, numbers finite.
+
+    allow_inf_nan=False: Kubernetes' JSON has no Infinity/NaN (the API server refuses them), and an
+    infinite duration or rate is always a mistake, whether written `.inf` in YAML or "inf".
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
+        allow_inf_nan=False,
         use_enum_values=True,
         validate_default=True,
     )
@@ -140,6 +147,57 @@ class BetaSchedule(Schema):
     final: float = Field(..., gt=0, description="Beta at the last step; training.beta is the start value.")
 
 
+class PackingConfig(Schema):
+    max_tokens: int = Field(
+        4096, ge=16,
+        description="Token budget of one micro-batch: an optimizer step's pairs (batchSize x "
+        "gradientAccumulationSteps per rank) are split into as many micro-batches as this needs.",
+    )
+    share_prompt: bool = Field(
+        True,
+        description="Put each prompt in once and let chosen and rejected both attend to it "
+        "(prefix sharing): the prompt's compute is paid once per pair. Same results.",
+    )
+    row_tokens: int | None = Field(
+        None, ge=16,
+        description="Length of one packed row (sequences never straddle rows). Default: "
+        "data.maxLength. Attention without a varlen kernel costs row length squared per row.",
+    )
+
+
+class DistributedConfig(Schema):
+    """How ranks share the model. Activation checkpointing is training.gradientCheckpointing (both)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every rank holds the whole model, gradients are all-reduced (fits while weights, "
+        "grads and AdamW state fit one GPU: about 16 bytes a parameter). fsdp: FSDP2 shards parameters, "
+        "gradients and optimizer state (and the reference model) over all ranks. An accelerate config "
+        "(accelerate launch --config_file, ACCELERATE_USE_FSDP) still turns FSDP on for power users.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="fsdp: free the gathered layer weights after forward and gather again for backward "
+        "(less memory, one more all-gather per layer). false keeps them until backward (ZeRO-2-like).",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="fsdp: keep parameter shards, gradients and optimizer state in host memory and step "
+        "AdamW on the CPU (FSDP2's CPUOffloadPolicy); slower, frees most GPU memory.",
+    )
+    memory_efficient_loading: bool = Field(
+        True,
+        description="fsdp: only local rank 0 of each node reads the weights; the others start on the meta "
+        "device and receive their shards by broadcast from rank 0 (at most one full copy per node).",
+    )
+
+    @model_validator(mode="after")
+    def _fsdp_only(self) -> DistributedConfig:
+        if self.strategy != "fsdp" and self.cpu_offload:
+            raise ValueError("cpuOffload: needs strategy fsdp")
+        return self
+
+
 class TrainingConfig(Schema):
     loss: LossType = Field(
         LossType.sigmoid,
@@ -183,15 +241,49 @@ class TrainingConfig(Schema):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     seed: int = Field(42, description="Seed of model init of new parameters, dropout and sampling.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Activation checkpointing: recompute each decoder layer's activations in backward "
+        "instead of keeping them (about a third more compute, activations cut to one layer's). Under "
+        "distributed.strategy fsdp it is applied per layer by FSDP2.",
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Data parallelism across ranks: DDP or FSDP2."
+    )
     reference_logps: Literal["live", "precompute"] = Field(
         "live",
         description="live: reference forward every step; precompute: one pass before training "
         "(reference model then freed).",
     )
+    reference_cache_uri: str | None = Field(
+        None,
+        description="With referenceLogps precompute: where precomputed reference log-probs are kept "
+        "(s3:// or local), keyed by reference model, tokenizer, data shard versions and truncation, "
+        "written as they are computed, so a restarted attempt, a later epoch or the next iterative "
+        "round with the same reference reuses them. Default: <checkpoint.uri>/reference-cache/ "
+        "(none without checkpoint.uri: the table then lives in memory for one attempt).",
+    )
+    packing: PackingConfig | None = Field(
+        None,
+        description="Padding-free packing: pairs packed into rows with a block-sparse attention "
+        "mask under a token budget per micro-batch (same loss and gradients as padded batches). "
+        "Unset: padded batches of batchSize pairs.",
+    )
     logging_steps: int = Field(10, ge=1, description="Log and export metrics every N steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (and at the end).")
     eval_on_start: bool = Field(False, description="Also evaluate before the first step (the baseline).")
+
+
+CHECKPOINT_STEP_PREFIX = "step-"
+
+
+def checkpoint_step_name(step: int) -> str:
+    """`step-000500`: one checkpoint's folder under `checkpoint.uri`.
+
+    The rest of the layout is `checkpoint.py`'s; the step name lives here because the operator,
+    which may import only config and errors, reports it in status.lastCheckpoint.
+    """
+    return f"{CHECKPOINT_STEP_PREFIX}{step:06d}"
 
 
 class CheckpointConfig(Schema):
@@ -200,7 +292,7 @@ class CheckpointConfig(Schema):
     every_minutes: float | None = Field(None, gt=0, description="Checkpoint at least this often.")
     keep_last: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
     preemption_grace_seconds: float = Field(
-        25.0, gt=0, description="Budget after SIGTERM to finish the step and write a checkpoint."
+        25.0, gt=0, le=3600, description="Budget after SIGTERM to finish the step and write a checkpoint."
     )
 
 
@@ -274,3 +366,29 @@ def load_config(path: str | Path) -> TrainerConfig:
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {err}") from None
     return parse_config(data, source=str(p))
+
+
+# --- log format: the launcher (ours or `kubedpo run`) and every rank agree through the env ---
+# Here rather than in console.py so that the operator's local runner, which may import only
+# config and errors, names the same variable and resolves "auto" the same way.
+
+LOG_FORMATS = ("auto", "json", "rich")
+LOG_FORMAT_ENV = "KUBEDPO_LOG_FORMAT"
+
+
+def resolve_log_format(choice: str | None = None, stream: IO[str] | None = None) -> str:
+    """'json' or 'rich' from a flag, else the env variable, else 'auto' (rich on a terminal)."""
+    value = (choice or os.environ.get(LOG_FORMAT_ENV) or "auto").strip().lower()
+    if value not in LOG_FORMATS:
+        raise ValueError(f"{LOG_FORMAT_ENV} / --log-format: {value!r} is not one of {', '.join(LOG_FORMATS)}")
+    if value != "auto":
+        return value
+    stream = stream or sys.stdout
+    return "rich" if _isatty(stream) and os.environ.get("TERM") != "dumb" else "json"
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed or replaced streams
+        return False

@@ -45,7 +45,7 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: PolicyAndReference, r
     batches: Iterable[Batch] = stream.eval_batches(device=acc.device)
     real = None  # how many batches count; the rest only keep FSDP's collectives paired
     if acc.distributed_type == DistributedType.FSDP:
-        batches, real = _equal_batch_counts(acc, list(batches), cfg.data.eval)
+        batches, real = equal_batch_counts(acc, list(batches), cfg.data.eval)
     for i, batch in enumerate(batches):
         with acc.autocast():
             out_policy = concatenated_forward(policy, batch)
@@ -73,7 +73,7 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: PolicyAndReference, r
     return values
 
 
-def _equal_batch_counts(acc: Accelerator, batches: list[Batch], source: str) -> tuple[list[Batch], int]:
+def equal_batch_counts(acc: Accelerator, batches: list[Batch], source: str) -> tuple[list[Batch], int]:
     """This rank's eval batches padded with repeats of its last to the most any rank has, and
     how many are real (FSDP's all-gathers must pair up across ranks)."""
     counts = acc.gather(torch.tensor([len(batches)], device=acc.device)).tolist()

@@ -17,7 +17,7 @@ import torch
 
 from .batch import Batch
 from .logprobs import sequence_logps
-from .losses import LossOutput
+from .losses import LossSummary
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def concatenated_forward(model: torch.nn.Module, batch: Batch) -> ForwardOutput:
     )
 
 
-def dpo_metrics(loss_out: LossOutput, policy: ForwardOutput, prefix: str = "") -> dict[str, float]:
+def dpo_metrics(loss_out: LossSummary, policy: ForwardOutput, prefix: str = "") -> dict[str, float]:
     """TRL 1.16 DPOTrainer's logged values for one batch, names with '/' -> '_' and `prefix` prepended.
 
     As in `DPOTrainer._compute_loss`: rewards, accuracies, margins and logps are means over pairs;

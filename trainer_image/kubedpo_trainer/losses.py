@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .batch import Batch
+from .batch import PairFields
 from .config import LossType, TrainingConfig
 
 
@@ -54,7 +54,7 @@ class LossInputs:
     weight: torch.Tensor  # (B,) per-row weight; ones when absent
 
     @classmethod
-    def from_forward(cls, policy: PolicyLogps, ref: PairLogps | None, batch: Batch) -> LossInputs:
+    def from_forward(cls, policy: PolicyLogps, ref: PairLogps | None, batch: PairFields) -> LossInputs:
         """From `forward.ForwardOutput`s of policy and reference (None when reference-free)."""
         dev = policy.chosen_logps.device
         return cls(
@@ -78,6 +78,19 @@ class LossInputs:
         """h = r_c - r_r, (B,)."""
         c, r = self.logratios()
         return c - r
+
+
+class LossSummary(Protocol):
+    """What the logged metrics read of a loss: `LossOutput`, or a packed step's totals."""
+
+    @property
+    def loss(self) -> torch.Tensor: ...
+
+    @property
+    def chosen_rewards(self) -> torch.Tensor: ...  # (B,) detached
+
+    @property
+    def rejected_rewards(self) -> torch.Tensor: ...  # (B,) detached
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,8 @@ def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, acceler
         )
     except (OSError, ValueError) as err:
         raise InputError(f"model {uri}: cannot load: {err}") from None
+    if any(p.is_meta for p in model.parameters()):
+        return model  # FSDP memory-efficient loading: this rank gets its shards by broadcast
     module: nn.Module = model  # PreTrainedModel.to's functools.wraps signature confuses type checkers
     module.to(device)  # in place, as for every nn.Module
     return model
@@ -158,13 +160,14 @@ def load_policy(cfg: TrainerConfig, device: torch.device | str, accelerator: Any
         # Non-reentrant checkpointing works with frozen inputs and DDP; the KV cache is useless
         # (and wasteful) while training.
         model.config.use_cache = False
-        enable_activation_checkpointing(model)
+        if cfg.training.distributed.strategy != "fsdp":  # FSDP2 wraps each layer itself (distributed.py)
+            enable_activation_checkpointing(model)
     if cfg.model.lora is None:
         model.train()
         return model
     from peft import get_peft_model
 
-    if cfg.training.gradient_checkpointing:
+    if cfg.training.gradient_checkpointing and cfg.training.distributed.strategy != "fsdp":
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config(cfg))
     peft_model.train()
@@ -254,12 +257,18 @@ class PolicyAndReference:
         self.reference = None
 
 
-def load_models(cfg: TrainerConfig, accelerator: Any = None,
-                device: torch.device | str | None = None) -> PolicyAndReference:
-    """Policy and reference on `accelerator.device` (or `device`, default CPU)."""
+def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.device | str | None = None,
+                prepare_reference: Callable[[nn.Module], nn.Module] | None = None) -> PolicyAndReference:
+    """Policy and reference on `accelerator.device` (or `device`, default CPU).
+
+    The reference is loaded first and handed to `prepare_reference` (FSDP: shard it) before the
+    policy is read, so a rank never holds two full copies at once.
+    """
     dev = torch.device(device if device is not None else (accelerator.device if accelerator else "cpu"))
-    policy = load_policy(cfg, dev, accelerator)
     reference = load_reference(cfg, dev, accelerator)
+    if reference is not None and prepare_reference is not None:
+        reference = prepare_reference(reference)
+    policy = load_policy(cfg, dev, accelerator)
     unwrap = accelerator.unwrap_model if accelerator is not None else follow_module
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in policy.parameters())

@@ -1,18 +1,23 @@
 """What a person (logs, progress bar) and Prometheus see of the loop, from rank 0.
 
-One JSON log line per logging step, so `kubectl logs` is greppable and machine-readable; a tqdm
-bar only when stderr is a terminal (never in pod logs); the same values set as gauges.
+One JSON log line per logging step, so `kubectl logs` is greppable and machine-readable; on a
+terminal a live display instead (`console.py`, never in pod logs); the same values set as gauges.
+Rank 0 keeps the logged rows to draw the training curves (`curves.py`) at the end.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from . import storage
+from .config import resolve_log_format
+from .console import RichDisplay, summary_rows
+from .curves import FILENAME as CURVES_FILENAME
+from .curves import render_png
 from .metrics import TrainerMetrics
 
 log = logging.getLogger("kubedpo_trainer.progress")
@@ -24,11 +29,11 @@ class StepLogger:
         self._t0, self._step0 = time.monotonic(), start_step
         self._tokens0 = 0.0
         self.metrics.set({"total_steps": total_steps, "step": start_step})
-        self._bar = None
-        if rank == 0 and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="dpo", dynamic_ncols=True)
+        self.history: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}  # rank 0 only
+        self._display = None
+        self._summary: list[tuple[str, str]] = []
+        if rank == 0 and resolve_log_format() == "rich":
+            self._display = RichDisplay(total_steps, start_step)
 
     def train(self, step: int, values: Mapping[str, float], epoch: float, tokens_total: float,
               extra: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -46,21 +51,46 @@ class StepLogger:
         }
         self.metrics.set(row)
         if self.rank == 0:
-            log.info("%s", json.dumps({"event": "train", **_round(row)}))
-            if self._bar is not None:
-                self._bar.n = step
-                self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
-                                      acc=f"{values.get('rewards_accuracies', float('nan')):.2f}")
+            self.history["train"].append(dict(row))
+            if self._display is not None:
+                self._display.train(row)
+            else:
+                log.info("%s", json.dumps({"event": "train", **_round(row)}))
         return row
 
     def eval(self, step: int, values: Mapping[str, float]) -> None:
         self.metrics.set(values)
         if self.rank == 0:
-            log.info("%s", json.dumps({"event": "eval", "step": step, **_round(values)}))
+            self.history["eval"].append({"step": step, **values})
+            if self._display is not None:
+                self._display.eval(step, values)
+            else:
+                log.info("%s", json.dumps({"event": "eval", "step": step, **_round(values)}))
+
+    def finish(self, summary: Mapping[str, Any], output_uri: str) -> str | None:
+        """Rank 0: write the training-curve PNG into the output folder; returns its URI.
+
+        Called before the model export, so the output's completion marker stays the last write.
+        """
+        if self.rank != 0:
+            return None
+        uri = storage.join(output_uri, CURVES_FILENAME)
+        try:
+            storage.write_bytes(uri, render_png(self.history["train"], self.history["eval"]))
+        except ImportError as err:  # a slim image without matplotlib: say so, train anyway
+            log.warning("training curves not drawn (%s); the JSON lines hold the same values", err)
+            uri = ""
+        else:
+            log.info("training curves written to %s", uri)
+        self._summary = summary_rows(summary, output_uri, uri or None)
+        if self.history["train"]:
+            last = self.history["train"][-1]
+            self._summary.insert(2, ("tokens/s", f"{last.get('tokens_per_second', 0.0):,.0f}"))
+        return uri or None
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        if self._display is not None:
+            self._display.close(self._summary)
 
 
 def _round(values: Mapping[str, Any]) -> dict[str, Any]:

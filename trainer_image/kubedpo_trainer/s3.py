@@ -13,6 +13,7 @@ and shared by the loader, the background checkpoint uploader and s3transfer's th
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -132,6 +133,21 @@ class S3Client:
                     return [(uri, int(first[0]["Size"]))]
                 key += "/"
             return [(f"s3://{bucket}/{k}", size) for k, size in self._keys(bucket, key)]
+
+    def versions(self, uri: str) -> builtins.list[tuple[str, int, str]]:  # `list` is a method here
+        """(uri, size, ETag) of the object `uri` itself, or of every object in the folder `uri`."""
+        bucket, key = split(uri)
+        folder = not key or key.endswith("/")
+        out: list[tuple[str, int, str]] = []
+        with self.errors(uri):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                for o in page.get("Contents", []):
+                    k = o["Key"]
+                    mine = k == key or (folder and not k.endswith("/")) or k.startswith(key + "/")
+                    if mine:
+                        out.append((f"s3://{bucket}/{k}", int(o["Size"]), str(o.get("ETag", ""))))
+        exact = [v for v in out if v[0] == uri]
+        return exact or sorted(out)
 
     def _keys(self, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

@@ -89,6 +89,19 @@ def list_objects(uri: str, suffixes: tuple[str, ...] | None = None) -> list[Obje
     return [ObjectInfo(str(f), f.stat().st_size) for f in files]
 
 
+def versions(uri: str) -> list[tuple[str, int, str]]:
+    """(uri, size, version) of the objects under `uri`: the ETag on S3, the mtime in ns locally.
+
+    A fingerprint of a model folder or a data set: equal lists mean the same bytes (as far as
+    the store can tell without reading them). Missing: an empty list, not an error.
+    """
+    if is_s3(uri):
+        return _Backend.s3.versions(uri)
+    p = _local(uri)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    return [(str(f), f.stat().st_size, str(f.stat().st_mtime_ns)) for f in files]
+
+
 def open_range(uri: str, start: int = 0) -> BinaryIO:
     """A binary stream from byte `start` to the end of the object.
 

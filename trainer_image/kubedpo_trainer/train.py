@@ -17,7 +17,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,10 @@ from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
+from . import distributed as dist_cfg
 from . import storage
 from .batch import Batch
-from .config import TrainerConfig
+from .config import TrainerConfig, resolve_log_format
 from .data.stream import PreferenceStream
 from .errors import InputError, Preempted
 from .evaluate import evaluate
@@ -39,8 +39,11 @@ from .forward import concatenated_forward, dpo_metrics, logit_totals, logits_fro
 from .losses import LossInputs, beta_at, compute_loss
 from .metrics import TrainerMetrics
 from .models import load_models, load_tokenizer
+from .packed_step import train_step_packed
 from .progress import StepLogger
-from .reference import Reference, precompute
+from .reference import Reference
+from .reference_cache import precompute
+from .sharded_checkpoint import load_sharded, save_sharded
 from .signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -64,13 +67,15 @@ class Trainer:
             cpu=not torch.cuda.is_available(),
             mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
+            fsdp_plugin=dist_cfg.fsdp_plugin(cfg),
         )
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
-        _log_distributed_type(self.acc)
+        _log_distributed_type(self.acc, dist_cfg.wants_fsdp(cfg))
+        dist_cfg.settle_loading_env(cfg, self.fsdp)
         set_seed(t.seed)
-        if not sys.stderr.isatty():
-            hf_logging.disable_progress_bar()  # pod logs get the JSON lines, not progress bars
+        if not sys.stderr.isatty() or resolve_log_format() == "rich":
+            hf_logging.disable_progress_bar()  # pods get JSON lines; a terminal gets our one display
         storage.configure(cfg.s3)
         self.metrics = TrainerMetrics(
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
@@ -81,7 +86,9 @@ class Trainer:
             self.metrics_port = self.metrics.serve(cfg.metrics.port)
             log.info("metrics on :%d/metrics", self.metrics_port)
         self.tokenizer = load_tokenizer(cfg, self.acc)
-        self.models = load_models(cfg, self.acc)
+        rss_before = dist_cfg.host_rss_bytes()
+        self.models = load_models(cfg, self.acc, prepare_reference=(
+            (lambda m: dist_cfg.shard_reference(self.acc, m)) if self.fsdp else None))
         self.reference = (precompute(cfg, self.acc, self.models, self.tokenizer)
                           if t.reference_logps == "precompute" else Reference(self.models))
         # FSDP1 flattens the parameters: the optimizer must see the wrapped model's. FSDP2 (and
@@ -108,6 +115,7 @@ class Trainer:
             self.optimizer = self.acc.prepare(self.optimizer)
         else:
             self.models.policy, self.optimizer = self.acc.prepare(self.models.policy, self.optimizer)
+        self.memory = self._memory_per_rank(rss_before)
         self.writer = None
         if cfg.checkpoint.uri:
             self.writer = ckpt.CheckpointWriter(
@@ -139,48 +147,46 @@ class Trainer:
             return
         uri = ckpt.step_dir(root, step)
         local = storage.download_dir(uri, self._scratch("kubedpo-resume-") / "step")  # lock file stays inside
-        state = json.loads((local / "trainer_state.json").read_text())
+        state = ckpt.load_json(local / ckpt.TRAINER_STATE)
         if state["world_size"] != self.world:
             raise InputError(
                 f"{uri}: written by {state['world_size']} ranks, this run has {self.world}; exact "
                 "resume needs the same number of ranks"
             )
         model = self.acc.unwrap_model(self.models.policy)
-        if self.fsdp:  # every rank reads the full weights and keeps its shard; its own optimizer shard
-            ckpt.load_trainable_state(self.models.policy, local / ckpt.weights_file(model), sharded=True)
-            opt_file = local / f"optimizer-rank{self.rank}.pt"
-            if not opt_file.exists():
-                raise InputError(f"{uri}: no {opt_file.name}: written without FSDP, resume it without FSDP")
-            ckpt.load_sharded_optimizer_state(self.optimizer, torch.load(opt_file, weights_only=False))
+        if self.fsdp:  # each rank reads the pieces of its own shards, whoever wrote them
+            if not (local / ckpt.SHARDED_DIR).is_dir():
+                raise InputError(f"{uri}: no {ckpt.SHARDED_DIR}/: written without FSDP, resume it without FSDP")
+            load_sharded(self.models.policy, self.optimizer, local / ckpt.SHARDED_DIR)
         else:
-            if not (local / "optimizer.pt").exists():
-                raise InputError(f"{uri}: no optimizer.pt: written under FSDP, resume it under FSDP")
+            if not (local / ckpt.OPTIMIZER).exists():
+                raise InputError(f"{uri}: no {ckpt.OPTIMIZER}: written under FSDP, resume it under FSDP")
             ckpt.load_trainable_state(model, local / ckpt.weights_file(model))
-            self.optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
-        ckpt.set_rng_state(torch.load(local / f"rng-rank{self.rank}.pt", weights_only=False))
-        self.train_stream.load_state_dict(json.loads((local / f"data-rank{self.rank}.json").read_text()))
+            self.optimizer.load_state_dict(ckpt.load_torch(local / ckpt.OPTIMIZER))
+        self.scheduler.load_state_dict(ckpt.load_torch(local / ckpt.SCHEDULER))
+        ckpt.set_rng_state(ckpt.load_torch(local / ckpt.rng_file(self.rank)))
+        self.train_stream.load_state_dict(ckpt.load_json(local / ckpt.data_file(self.rank)))
         self.step = step
         log.info("resumed from %s (step %d)", uri, step)
 
     def _snapshot(self) -> ckpt.Snapshot:
         model = self.acc.unwrap_model(self.models.policy)
         files: dict[str, Any] = {
-            f"rng-rank{self.rank}.pt": _torch_writer(ckpt.rng_state()),
-            f"data-rank{self.rank}.json": _json_writer(self.train_stream.state_dict()),
+            ckpt.rng_file(self.rank): ckpt.torch_file(ckpt.rng_state()),
+            ckpt.data_file(self.rank): ckpt.json_file(self.train_stream.state_dict()),
         }
-        # FSDP: gathering the full weights is a collective (every rank, rank 0 gets them) and each
-        # rank writes its own optimizer shard.
-        full = self.acc.get_state_dict(self.models.policy) if self.fsdp else None
+        # FSDP: every rank writes its own shards of weights and optimizer state (DCP, a collective
+        # run by the writer on this thread); nothing is gathered.
         if self.fsdp:
-            files[f"optimizer-rank{self.rank}.pt"] = _torch_writer(ckpt.sharded_optimizer_state(self.optimizer))
+            policy, optimizer = self.models.policy, self.optimizer
+            files[ckpt.SHARDED_DIR] = lambda p: save_sharded(policy, optimizer, p)
         if self.rank == 0:
-            weights = ckpt.trainable_state(model, full)
-            files[ckpt.weights_file(model)] = lambda p: ckpt.save_trainable_state(weights, p)
             if not self.fsdp:
-                files["optimizer.pt"] = _torch_writer(self.optimizer.state_dict())
-            files["scheduler.pt"] = _torch_writer(self.scheduler.state_dict())
-            files["trainer_state.json"] = _json_writer(
+                weights = ckpt.trainable_state(model)
+                files[ckpt.weights_file(model)] = lambda p: ckpt.save_trainable_state(weights, p)
+                files[ckpt.OPTIMIZER] = ckpt.torch_file(self.optimizer.state_dict())
+            files[ckpt.SCHEDULER] = ckpt.torch_file(self.scheduler.state_dict())
+            files[ckpt.TRAINER_STATE] = ckpt.json_file(
                 {"step": self.step, "world_size": self.world, "total_steps": self.total_steps}
             )
         return ckpt.Snapshot(self.step, self.rank, files)
@@ -214,6 +220,8 @@ class Trainer:
     def train_step(self, batches: list[Batch]) -> dict[str, float]:
         """One optimizer step over `gradientAccumulationSteps` micro-batches."""
         t = self.cfg.training
+        if t.packing is not None:
+            return train_step_packed(self, batches)
         beta = beta_at(self.step, self.total_steps, t)
         sums: dict[str, float] = {}
         logits: list[torch.Tensor] = []
@@ -322,10 +330,26 @@ class Trainer:
                    "eval_at_start": eval_start, "data": self._data_totals(),
                    "storage": {"s3_retries": self._sum_over_ranks(float(storage.retry_count()))},
                    "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire(),
-                   "timing": {"step_seconds": self.step_times, "peak_memory_bytes": peak_memory_bytes()}}
+                   "timing": {"step_seconds": self.step_times, "peak_memory_bytes": peak_memory_bytes()},
+                   "memory": self.memory}
+        self.log.finish(summary, self.cfg.output.uri)  # the curves PNG, before the output's marker
         self._export(summary)
         self.log.close()
         return summary
+
+    def _memory_per_rank(self, rss_before: int) -> dict[str, Any]:
+        """Per-rank bytes of policy and reference parameters held locally (FSDP: shards) and host
+        RSS growth while loading, gathered to every rank: what sharding and rank-0 loading save."""
+        ref = self.models.reference
+        mine = [dist_cfg.local_bytes(self.models.policy), dist_cfg.local_bytes(ref),
+                dist_cfg.host_rss_bytes() - rss_before, dist_cfg.peak_rss_bytes() - rss_before]
+        rows = self.acc.gather(torch.tensor([mine], dtype=torch.float64, device=self.acc.device)).tolist()
+        keys = ("policy_local_bytes", "reference_local_bytes", "load_rss_growth_bytes", "load_peak_rss_growth_bytes")
+        out: dict[str, Any] = {k: [int(r[i]) for r in rows] for i, k in enumerate(keys)}
+        out["policy_full_bytes"] = dist_cfg.full_bytes(self.models.policy)
+        out["reference_full_bytes"] = dist_cfg.full_bytes(ref)
+        log.info("memory per rank: %s", json.dumps(out))
+        return out
 
     def _sum_over_ranks(self, value: float) -> int:
         t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
@@ -369,7 +393,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _log_distributed_type(acc: Accelerator) -> None:
+def _log_distributed_type(acc: Accelerator, spec_fsdp: bool = False) -> None:
     """Say which parallelism accelerate chose; warn when FSDP was asked for and not granted.
 
     accelerate (1.15) turns `ACCELERATE_USE_FSDP`/`accelerate launch --use_fsdp` into FSDP only on
@@ -380,7 +404,10 @@ def _log_distributed_type(acc: Accelerator) -> None:
         log.info("distributed: FSDP%d over %d processes", 2 if acc.is_fsdp2 else 1, acc.num_processes)
     else:
         log.info("distributed: %s over %d processes", kind.value, acc.num_processes)
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if spec_fsdp:
+            log.warning("training.distributed.strategy is fsdp but accelerate runs %s: it enables FSDP only on "
+                        "GPU-type devices; training continues with replicated weights", kind.value)
+        elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             log.warning("FSDP was requested (ACCELERATE_USE_FSDP) but accelerate runs %s: it enables FSDP "
                         "only on GPU-type devices; training continues with replicated weights", kind.value)
 
@@ -401,13 +428,3 @@ def peak_memory_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _torch_writer(obj: Any) -> Callable[[Path], None]:
-    return lambda path: torch.save(obj, path)
-
-
-def _json_writer(obj: Any) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        path.write_text(json.dumps(obj))
-    return write

@@ -17,6 +17,38 @@
 {{- end }}
 {{- end }}
 
+{{/* "<fullname>-<suffix>" in at most 63 characters: the prefix is cut, never the suffix, so a
+    53-character release name still gives distinct, valid names. include "kubedpo.suffixedName" (list . "metrics") */}}
+{{- define "kubedpo.suffixedName" -}}
+{{- $ctx := index . 0 -}}
+{{- $suffix := index . 1 -}}
+{{- $prefix := include "kubedpo.fullname" $ctx | trunc (int (sub 62 (len $suffix))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $prefix $suffix }}
+{{- end }}
+
+{{/* An image reference from {repository, tag, digest}: a digest pins it (tag ignored);
+    global.imageRegistry (umbrella charts, mirrors) replaces the repository's registry host.
+    include "kubedpo.imageRef" (list . .Values.image) */}}
+{{- define "kubedpo.imageRef" -}}
+{{- $ctx := index . 0 -}}
+{{- $img := index . 1 -}}
+{{- $repo := $img.repository -}}
+{{- $registry := (default dict $ctx.Values.global).imageRegistry -}}
+{{- if $registry -}}
+{{- $parts := splitList "/" $repo -}}
+{{- $host := first $parts -}}
+{{- if and (gt (len $parts) 1) (or (contains "." $host) (contains ":" $host) (eq $host "localhost")) -}}
+{{- $repo = join "/" (rest $parts) -}}
+{{- end -}}
+{{- $repo = printf "%s/%s" (trimSuffix "/" $registry) $repo -}}
+{{- end -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $repo $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo (default $ctx.Chart.AppVersion $img.tag) -}}
+{{- end -}}
+{{- end }}
+
 {{- define "kubedpo.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -37,6 +69,14 @@ helm.sh/chart: {{ include "kubedpo.chart" $ctx }}
 app.kubernetes.io/version: {{ $ctx.Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ $ctx.Release.Service }}
 app.kubernetes.io/part-of: kubedpo
+{{- with $ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* prometheus-operator's CRDs are installed: monitors render only then (NOTES.txt says when skipped). */}}
+{{- define "kubedpo.hasMonitoringAPI" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}
 {{- end }}
 
 {{- define "kubedpo.serviceAccountName" -}}

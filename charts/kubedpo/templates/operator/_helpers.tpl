@@ -5,11 +5,11 @@
 {{- end }}
 
 {{- define "kubedpo.operator.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "kubedpo.imageRef" (list . .Values.image) }}
 {{- end }}
 
 {{- define "kubedpo.trainer.image" -}}
-{{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) }}
+{{- include "kubedpo.imageRef" (list . .Values.trainer.image) }}
 {{- end }}
 
 {{/* One env var per OperatorSettings field the chart controls (tests check each maps to a field),

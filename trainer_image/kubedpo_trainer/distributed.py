@@ -1,0 +1,136 @@
+"""FSDP2 from the DPOJob (`training.distributed`): accelerate's plugin, the sharded reference, loading.
+
+Why through accelerate rather than calling `fully_shard` ourselves: the loop already speaks
+accelerate (accumulate/no_sync, clip, autocast, gathering for export), and accelerate's FSDP2
+path is the one its users' config files select, so spec and config file run the same code.
+
+Memory-efficient loading is *rank-0 load + broadcast*: with `FSDP_CPU_RAM_EFFICIENT_LOADING`
+transformers reads the weights on local rank 0 of each node only (the other ranks build the
+model on the meta device), and accelerate's `fsdp2_prepare_model` moves every model to meta,
+shards it and broadcasts rank 0's full tensors into each rank's shard. The reference is loaded
+and sharded before the policy is read, so a node holds at most one full copy at any time.
+
+The reference model is a second FSDP2 module (frozen, eval mode): each rank holds 1/world of
+it and gathers one layer at a time in its forward, the same as the policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+def precision_of(cfg: TrainerConfig) -> str:
+    """`training.precision` (bf16-mixed | fp32 | bf16); older configs say mixedPrecision instead."""
+    precision = getattr(cfg.training, "precision", None)
+    if precision is not None:
+        return str(precision)
+    legacy = getattr(cfg.training, "mixed_precision", "no")
+    return "bf16-mixed" if legacy == "bf16" else "fp32"
+
+
+def wants_fsdp(cfg: TrainerConfig) -> bool:
+    return cfg.training.distributed.strategy == "fsdp"
+
+
+def mixed_precision_policy(cfg: TrainerConfig) -> Any:
+    """bf16-mixed: bf16 gathers and compute, gradients reduced in fp32, fp32 master shards.
+
+    Reducing in bf16 (accelerate's default for mixed_precision bf16) loses the low bits of
+    gradients summed over many ranks; fp32 reduce-scatter costs 2x the gradient traffic only.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision_of(cfg) == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+def fsdp_plugin(cfg: TrainerConfig) -> Any:
+    """accelerate's FSDP2 plugin for `training.distributed.strategy: fsdp`, else None (DDP, or
+    whatever accelerate's own config file/env asks for)."""
+    if not wants_fsdp(cfg):
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+
+    d = cfg.training.distributed
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",  # one fully_shard per decoder layer (_no_split_modules)
+        reshard_after_forward=d.reshard_after_forward,
+        cpu_offload=d.cpu_offload,
+        activation_checkpointing=cfg.training.gradient_checkpointing,
+        cpu_ram_efficient_loading=d.memory_efficient_loading,
+        state_dict_type="SHARDED_STATE_DICT",
+        mixed_precision_policy=mixed_precision_policy(cfg),
+    )
+
+
+def settle_loading_env(cfg: TrainerConfig, fsdp_granted: bool) -> None:
+    """Tell transformers whether to read weights on local rank 0 only (it reads this env pair, not
+    the plugin; accelerate sets both as soon as a plugin is passed). Where accelerate did not
+    grant FSDP (CPU), there is no broadcast: every rank must read the weights itself."""
+    if not wants_fsdp(cfg):
+        return
+    efficient = fsdp_granted and cfg.training.distributed.memory_efficient_loading
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true" if efficient else "false"
+
+
+def on_meta(model: nn.Module) -> bool:
+    """True on the ranks that skipped reading the weights (memory-efficient loading)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def shard_reference(acc: Any, model: nn.Module) -> nn.Module:
+    """The frozen reference as a second FSDP2 module: 1/world of its weights on each rank.
+
+    No activation checkpointing (it never runs backward); frozen params are not upcast.
+    """
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    model = fsdp2_prepare_model(acc, model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def local_bytes(model: nn.Module | None) -> int:
+    """Bytes of this rank's parameters: a DTensor counts its local shard only."""
+    if model is None:
+        return 0
+    total = 0
+    for p in model.parameters():
+        t = p.to_local() if hasattr(p, "to_local") else p
+        total += t.numel() * t.element_size()
+    return total
+
+
+def full_bytes(model: nn.Module | None) -> int:
+    """Bytes of the whole (unsharded) model's parameters."""
+    if model is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def host_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc), for the per-rank loading log."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
