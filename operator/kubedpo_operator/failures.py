@@ -14,6 +14,7 @@ from typing import Any, cast
 import kopf
 
 from .api_errors import Refused, Retry, classify
+from .conditions import set_condition
 from .status import Transition, now_iso, status_patch
 
 RETRYING = "Retrying"
@@ -35,11 +36,6 @@ def retry_due(memo: kopf.Memo, namespace: str, name: str) -> bool:
     """False while a previous failure's backoff (Retry-After included) has not elapsed."""
     entry = _retries(memo).get((namespace, name))
     return entry is None or time.monotonic() >= entry[1]
-
-
-def _condition(status: dict[str, Any], cond: dict[str, Any]) -> list[dict[str, Any]]:
-    others = [c for c in status.get("conditions") or [] if c.get("type") != cond["type"]]
-    return [*others, cond]
 
 
 def record_failure(memo: kopf.Memo, dpo: dict[str, Any], err: BaseException) -> Refused | Retry:
@@ -65,9 +61,9 @@ def record_failure(memo: kopf.Memo, dpo: dict[str, Any], err: BaseException) -> 
     _retries(memo)[key] = (count + 1, time.monotonic() + outcome.delay, outcome.reason)
     if outcome.reason != last_reason:
         message = f"retrying in {outcome.delay:.1f}s (try {count + 1}): {outcome.reason}"
-        cond = {"type": RETRYING, "status": "True", "reason": "ApiServerUnavailable", "message": message[:1000],
-                "lastTransitionTime": now}
-        memo.kube.patch_dpojob_status(key[0], key[1], {"conditions": _condition(status, cond)})
+        conditions = set_condition(status.get("conditions"), RETRYING, True, "ApiServerUnavailable",
+                                   message[:1000], now, meta.get("generation"))
+        memo.kube.patch_dpojob_status(key[0], key[1], {"conditions": conditions})
         if count == 0:
             kopf.event(kopf.Body(cast(kopf.RawBody, dpo)), type="Warning", reason="Retrying", message=message[:1000])
     return outcome
@@ -80,6 +76,6 @@ def record_success(memo: kopf.Memo, namespace: str, name: str) -> None:
     dpo = memo.kube.get_dpojob(namespace, name)
     if dpo is None:
         return
-    cond = {"type": RETRYING, "status": "False", "reason": "Recovered", "message": "children created",
-            "lastTransitionTime": now_iso()}
-    memo.kube.patch_dpojob_status(namespace, name, {"conditions": _condition(dict(dpo.get("status") or {}), cond)})
+    conditions = set_condition((dpo.get("status") or {}).get("conditions"), RETRYING, False, "Recovered",
+                               "children created", now_iso(), dpo["metadata"].get("generation"))
+    memo.kube.patch_dpojob_status(namespace, name, {"conditions": conditions})

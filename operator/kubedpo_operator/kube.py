@@ -37,6 +37,7 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.batch = kubernetes.client.BatchV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.net = kubernetes.client.NetworkingV1Api(api_client)
 
     def get_dpojob(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -58,7 +59,8 @@ class Kube:
     def _reader(self, kind: str) -> Any:
         return {"ConfigMap": self.core.read_namespaced_config_map,
                 "Service": self.core.read_namespaced_service,
-                "Job": self.batch.read_namespaced_job}[kind]
+                "Job": self.batch.read_namespaced_job,
+                "NetworkPolicy": self.net.read_namespaced_network_policy}[kind]
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -68,12 +70,31 @@ class Kube:
                 return None
             raise
 
+    def list_jobs(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """Jobs matching a selector (callers re-check labels and owner: never trust a list blindly)."""
+        resp = self.batch.list_namespaced_job(namespace, label_selector=label_selector, _preload_content=False)
+        return list(_raw(resp).get("items") or [])
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        resp = self.core.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False)
+        return list(_raw(resp).get("items") or [])
+
+    def list_events(self, namespace: str, kind: str, name: str) -> list[dict[str, Any]]:
+        """Events about one object (re-filtered here: a field selector is the server's filter)."""
+        resp = self.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}",
+            _preload_content=False)
+        return [e for e in _raw(resp).get("items") or []
+                if (e.get("involvedObject") or {}).get("name") == name
+                and (e.get("involvedObject") or {}).get("kind") == kind]
+
     def create(self, obj: dict[str, Any]) -> bool:
         """Create unless it exists (409 → False): a second operator racing us is not an error."""
         ns = obj["metadata"]["namespace"]
         creators: dict[str, Callable[..., Any]] = {"ConfigMap": self.core.create_namespaced_config_map,
                                                    "Service": self.core.create_namespaced_service,
-                                                   "Job": self.batch.create_namespaced_job}
+                                                   "Job": self.batch.create_namespaced_job,
+                                                   "NetworkPolicy": self.net.create_namespaced_network_policy}
         creator = creators[obj["kind"]]
         try:
             creator(ns, obj, _preload_content=False)
@@ -86,7 +107,8 @@ class Kube:
     def delete(self, kind: str, namespace: str, name: str) -> None:
         deleter = {"ConfigMap": self.core.delete_namespaced_config_map,
                    "Service": self.core.delete_namespaced_service,
-                   "Job": self.batch.delete_namespaced_job}[kind]
+                   "Job": self.batch.delete_namespaced_job,
+                   "NetworkPolicy": self.net.delete_namespaced_network_policy}[kind]
         # Background propagation: the Job's pods go too (orphaning them would keep GPUs busy).
         self._ignore_404(deleter, name, namespace, propagation_policy="Background")
 

@@ -10,7 +10,8 @@ The decision table (what happens when the attempt's Job reaches a state):
 | Failed, podFailurePolicy rule "preempted" (exit 75) | – | Restarting, not counted |
 | Failed, anything else | restarts < maxRestarts | Restarting, counted |
 | Failed, anything else | restarts >= maxRestarts | Failed (MaxRestartsExceeded) |
-| active pods | spec not suspended | Running |
+| every worker ready | spec not suspended | Running |
+| pods not all ready | a pod unschedulable / image pull / config error, or FailedCreate | Pending (that reason) |
 | suspended / spec suspended | – | Suspended (user) or Pending/Queued (Kueue) |
 """
 
@@ -25,7 +26,8 @@ from typing import Any
 from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED
 
 from .api import FINISHED_PHASES, PHASES, RunPolicy
-from .children import RULE_CONFIG, RULE_PREEMPTED
+from .children import RULE_CONFIG, RULE_PREEMPTED, job_name
+from .gang import all_ready
 
 _RULE_RE = re.compile(r"exit code (\d+) matching FailJob rule at index (\d+)")
 
@@ -61,7 +63,7 @@ def job_state(job: Mapping[str, Any]) -> JobState:
         m = _RULE_RE.search(c.get("message") or "")
         return JobState("failed", c.get("reason", ""), c.get("message", ""),
                         int(m.group(1)) if m else None, int(m.group(2)) if m else None)
-    if (st.get("active") or 0) > 0:
+    if (st.get("active") or 0) > 0 and all_ready(job):
         return JobState("running")
     if "Suspended" in conds or (job.get("spec") or {}).get("suspend"):
         return JobState("suspended")
@@ -125,6 +127,8 @@ def _decide(status: Mapping[str, Any], job: JobState, policy: RunPolicy, workers
         return Transition("Running", "Running", f"attempt {attempt}: {workers} workers running")
     if job.kind == "suspended" and policy.queue_name:
         return Transition("Pending", "Queued", f"waiting for Kueue to admit the gang (queue {policy.queue_name})")
+    if job.kind == "pending" and job.reason:  # a reason from the pods or the Job's events (gang.py)
+        return Transition("Pending", job.reason, f"attempt {attempt}: {job.message}", True)
     if status.get("phase") == "Restarting":
         return None  # the next attempt's pods are being scheduled
     return Transition("Pending", "Created", f"attempt {attempt}: waiting for {workers} worker pods")
@@ -169,6 +173,7 @@ def status_patch(status: Mapping[str, Any], t: Transition, now: str, output_uri:
     }
     if t.restart:
         patch["attempt"] = int(status.get("attempt") or 0) + 1
+        patch["currentJob"] = None  # set again once the next attempt's Job exists
         if t.counted:
             patch["restarts"] = int(status.get("restarts") or 0) + 1
         else:
@@ -206,3 +211,22 @@ def ttl_expired(status: Mapping[str, Any], policy: RunPolicy, now: datetime) -> 
         return False
     done = parse_time(status.get("completionTime"))
     return done is not None and (now - done).total_seconds() >= policy.ttl_seconds_after_finished
+
+
+def rediscovered_status(name: str, generation: int | None, now: str, attempt: int, start_time: str | None) -> dict[str, Any]:
+    """Status rebuilt from the children when it was lost (e.g. a restore without status).
+
+    The live attempt is kept (never a new attempt 0 next to it); the attempts before it are
+    counted as restarts, the conservative reading (maxRestarts is never exceeded by the loss).
+    """
+    t = Transition("Pending", "StatusRediscovered", f"status was lost: attempt {attempt} rediscovered from "
+                   f"its Job; its {attempt} earlier attempts are counted as restarts")
+    return {"attempt": attempt, "restarts": attempt, "preemptions": 0, "startTime": start_time or now,
+            "observedGeneration": generation, "currentJob": job_name(name, attempt), **status_patch({}, t, now)}
+
+
+def desired_suspend(policy: RunPolicy) -> bool | None:
+    """What the Job's spec.suspend must be; None where Kueue decides (queued and not user-suspended)."""
+    if policy.suspend:
+        return True
+    return None if policy.queue_name else False

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubedpo_operator import alerts
 from kubedpo_operator.api import GROUP, PLURAL, parse_spec
 from kubedpo_operator.children import build_children, build_job
 from kubedpo_operator.settings import OperatorSettings
@@ -23,7 +24,7 @@ K8S_VERSION = "1.30.0"
 # The oldest Kubernetes the chart claims (Chart.yaml kubeVersion) and the newest schemas known.
 K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
 # Kinds whose schemas live in CRDs rather than Kubernetes' OpenAPI: checked structurally below.
-CRD_KINDS = {"ServiceMonitor", "PodMonitor", "ClusterKopfPeering", "KopfPeering"}
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ClusterKopfPeering", "KopfPeering"}
 EXAMPLE = ROOT / "examples" / "tiny-cpu.yaml"
 
 
@@ -222,10 +223,11 @@ def _child_resources() -> list[tuple[str, str]]:
 
 
 def test_clusterwide_rbac_covers_what_the_operator_does(render) -> None:
-    rules = one(render(), "ClusterRole")["rules"]
+    rules = _operator_role(render())["rules"]
     for group, resource in _child_resources():
-        for verb in ("create", "get", "delete", "watch"):
+        for verb in ("create", "get", "delete"):
             assert _allows(rules, group, resource, verb), f"ClusterRole cannot {verb} {group}/{resource}"
+    assert _allows(rules, "batch", "jobs", "watch")  # the rest: tests/operator/test_rbac_vs_code.py
     for verb in ("watch", "patch"):
         assert _allows(rules, GROUP, PLURAL, verb)
     assert _allows(rules, GROUP, f"{PLURAL}/status", "patch")
@@ -244,7 +246,7 @@ def test_namespaced_rbac_grants_only_watched_namespaces(render) -> None:
         for group, resource in _child_resources():
             assert _allows(rules, group, resource, "create")
         assert _allows(rules, "kopf.dev", "kopfpeerings", "patch")
-    cluster_rules = one(docs, "ClusterRole")["rules"]
+    cluster_rules = _operator_role(docs)["rules"]
     assert not _allows(cluster_rules, GROUP, PLURAL, "watch"), "namespaced mode must not watch DPOJobs cluster-wide"
     assert not _allows(cluster_rules, "batch", "jobs", "create")
 
@@ -297,6 +299,15 @@ def test_monitor_relabelings_and_annotations_pass_through(render, tmp_path: Path
     assert pod["metadata"]["annotations"] == {"a": "b"} and svc["metadata"]["annotations"] == {"c": "d"}
 
 
+def test_chart_ships_the_alert_rules_only_when_enabled(render) -> None:
+    """The PrometheusRule embeds the generated rule file unchanged (tests/metrics/test_alerts.py runs it)."""
+    assert not [d for d in render() if d["kind"] == "PrometheusRule"]
+    docs = render(sets=["prometheusRule.enabled=true", "prometheusRule.labels.release=kps"])
+    rule = one(docs, "PrometheusRule")
+    assert rule["spec"] == alerts.groups() and rule["metadata"]["labels"]["release"] == "kps"
+    assert not [d for d in render(sets=["prometheusRule.enabled=true"], api_versions=()) if d["kind"] == "PrometheusRule"]
+
+
 def test_service_monitor_selects_the_metrics_service(render) -> None:
     docs = render(CHART / "ci" / "ha-monitoring-values.yaml")
     monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
@@ -314,8 +325,8 @@ def test_pod_monitor_selects_trainer_pods_built_by_the_operator(render) -> None:
     endpoint = monitor["spec"]["podMetricsEndpoints"][0]
     port_names = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
     assert endpoint["port"] in port_names
-    # The trainer's own job/namespace labels must win: the dashboard's variables are DPOJob names.
-    assert endpoint["honorLabels"] is True
+    # The dashboard keys on the trainer's `dpojob` label, which needs no honorLabels.
+    assert not endpoint.get("honorLabels")
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
     operator_labels = one(render(), "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert not monitor["spec"]["selector"]["matchLabels"].items() <= operator_labels.items()
@@ -350,3 +361,10 @@ def test_operator_pod_name_is_its_kopf_peer_identity(render) -> None:
     container = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def _operator_role(docs: list[dict]) -> dict:
+    """The operator's ClusterRole (the user-facing kubedpo-edit/-view are checked in test_chart_security)."""
+    roles = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"] not in ("kubedpo-edit", "kubedpo-view")]
+    assert len(roles) == 1, [r["metadata"]["name"] for r in roles]
+    return roles[0]

@@ -1,8 +1,8 @@
 """A real Prometheus (Debian's `prometheus` binary) on 127.0.0.1, scraping targets the test names.
 
 Started per test with its own config, data dir and free port; stopped by its PID. Scrapes every
-second with honor_labels, as the chart's PodMonitor does, so series keep the trainer's own
-`job`/`namespace` labels.
+second, with honor_labels or without (then target labels win over the trainer's, as with
+annotation-based scrapers); the trainer's `dpojob` label survives either way.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]
 
-    def query(self, expr: str) -> list[dict]:
-        data = self.api("query", query=expr)
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        data = self.api("query", query=expr, **({"time": f"{at:.3f}"} if at is not None else {}))
         assert data["resultType"] == "vector", f"{expr}: {data['resultType']}"
         return data["result"]
 
@@ -55,28 +55,32 @@ def prometheus_bin() -> str:
 
 
 @pytest.fixture
-def start_prometheus(prometheus_bin: str, tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
+def start_prometheus(prometheus_bin: str, tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     procs: list[subprocess.Popen] = []
     stack = contextlib.ExitStack()
 
-    def _start(targets: list[str]) -> Prometheus:
+    def _start(targets: list[str], honor_labels: bool = True, labels: dict[str, str] | None = None,
+               rule_files: list[str] | None = None) -> Prometheus:
         port = free_port()
-        config = tmp_path / "prometheus.yml"
+        home = tmp_path / f"prometheus-{len(procs)}"  # several instances may scrape the same run
+        home.mkdir()
+        config = home / "prometheus.yml"
         config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "kubedpo-trainer", "honor_labels": True,
-                                "static_configs": [{"targets": targets}]}],
+            "scrape_configs": [{"job_name": "kubedpo-trainer", "honor_labels": honor_labels,
+                                "static_configs": [{"targets": targets, **({"labels": labels} if labels else {})}]}],
+            **({"rule_files": rule_files} if rule_files else {}),
         }))
-        log = stack.enter_context(open(tmp_path / "prometheus.log", "w"))
+        log = stack.enter_context(open(home / "prometheus.log", "w"))
         proc = subprocess.Popen(
-            [prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+            [prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={home / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}"],
             stdout=log, stderr=subprocess.STDOUT)
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            assert proc.poll() is None, f"prometheus exited: {(tmp_path / 'prometheus.log').read_text()[-2000:]}"
+            assert proc.poll() is None, f"prometheus exited: {(home / 'prometheus.log').read_text()[-2000:]}"
             try:
                 with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as rsp:
                     if rsp.status == 200:

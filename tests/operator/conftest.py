@@ -36,6 +36,8 @@ PATHS = {
     "Service": f"/api/v1/namespaces/{NS}/services",
     "ConfigMap": f"/api/v1/namespaces/{NS}/configmaps",
     "Event": f"/api/v1/namespaces/{NS}/events",
+    "Pod": f"/api/v1/namespaces/{NS}/pods",
+    "NetworkPolicy": f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies",
     "Secret": f"/api/v1/namespaces/{NS}/secrets",
 }
 VERBS = ["list", "watch", "get", "create", "patch", "update", "delete"]
@@ -63,12 +65,21 @@ class Emulator(kmock.KubernetesEmulator):
     # Answer-before-storing hooks: kmock's reactions override the response but still store the
     # object, which is not what a real API server does with a request it refuses (422, 429...).
     refusals: list[Callable[[Any], Any]] = attrs.field(factory=list, init=False)
+    # Faults that act before the emulator applies a request: each returns the error to answer
+    # with, a delay in seconds (the request is applied after it, so others can overtake it), or None.
+    faults: list[Callable[[Any], Exception | float | None]] = attrs.field(factory=list, init=False)
 
     async def _handle(self, request: Any) -> Any:
         for refuse in self.refusals:
             response = refuse(request)
             if response is not None:
                 return response
+        for fault in self.faults:
+            outcome = fault(request)
+            if isinstance(outcome, Exception):
+                raise outcome
+            if outcome is not None:
+                await asyncio.sleep(outcome)
         if request.resource is not None and isinstance(request.data, dict | list):
             self._rv += 1
             rv = str(self._rv)
@@ -172,9 +183,14 @@ class FakeCluster:
         assert code == 200, out
 
     async def set_job(self, name: str, *, active: int = 0, succeeded: int = 0, failed: int = 0,
-                      condition: str | None = None, reason: str = "", message: str = "") -> None:
-        """Play the Job controller: write what it would write into a Job's status."""
-        st: dict[str, Any] = {"active": active, "succeeded": succeeded, "failed": failed}
+                      condition: str | None = None, reason: str = "", message: str = "",
+                      ready: int | None = None) -> None:
+        """Play the Job controller: write what it would write into a Job's status.
+
+        `ready` (pods running and ready) defaults to `active`: the pods started and run.
+        """
+        st: dict[str, Any] = {"active": active, "succeeded": succeeded, "failed": failed,
+                              "ready": active if ready is None else ready}
         if condition:
             st["conditions"] = [{"type": condition, "status": "True", "reason": reason, "message": message}]
         await self.patch("Job", name, {"status": st}, status=True)
@@ -220,6 +236,9 @@ def cluster(kmock: Any) -> FakeCluster:
     res["v1/services"] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS)
     res["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS)
     res["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS)
+    res["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True, verbs=VERBS)
+    res["networking.k8s.io/v1/networkpolicies"] = kmock.ResourceInfo(kind="NetworkPolicy", namespaced=True,
+                                                                     verbs=VERBS)
     res["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True, verbs=VERBS)
     res["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS)  # kopf waits for it
     return FakeCluster(kmock)

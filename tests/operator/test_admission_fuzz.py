@@ -241,4 +241,5 @@ def test_the_fuzzer_reaches_both_outcomes():
     """Run after the fuzz test (same module, file order): both branches were exercised."""
     if not OUTCOMES:
         pytest.skip("run together with the fuzz test")
+    print(f"fuzz outcomes: {dict(OUTCOMES)}")
     assert OUTCOMES["valid"] >= 20 and OUTCOMES["failed"] >= 20, OUTCOMES

@@ -78,7 +78,9 @@ def test_crd_names_columns_and_rules():
     cols = [c["name"] for c in v["additionalPrinterColumns"] if not c.get("priority")]
     assert cols == ["Phase", "Step", "Loss", "Reward-Acc", "Restarts", "Age"]
     spec = v["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert spec["properties"]["training"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+    assert spec["properties"]["data"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+    assert "self.beta == oldSelf.beta" in spec["properties"]["training"]["x-kubernetes-validations"][0]["rule"]
+    assert "x-kubernetes-validations" not in spec["properties"]["workers"]  # mutable: the gang restarts
     assert spec["properties"]["workers"]["minimum"] == 1
     assert spec["properties"]["training"]["properties"]["loss"]["enum"][0] == "sigmoid"
     beta = spec["properties"]["training"]["properties"]["beta"]

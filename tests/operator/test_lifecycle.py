@@ -127,6 +127,23 @@ async def test_suspend_and_resume(cluster, operator):
     assert st["observedGeneration"] == 3 and st["restarts"] == 0
 
 
+async def test_changing_workers_restarts_the_gang_at_the_new_size_without_counting(cluster, operator):
+    await operator.start()
+    await cluster.create_dpojob("grow", minimal_spec(workers=2))
+    await eventually(lambda: cluster.get("Job", "grow-0"))
+    await cluster.set_job("grow-0", active=2)
+    await eventually(lambda: _phase(cluster, "grow", "Running"))
+    await cluster.patch("DPOJob", "grow", {"metadata": {"generation": 2}, "spec": {"workers": 1}})
+    job = await eventually(lambda: cluster.get("Job", "grow-1"))
+    assert job["spec"]["parallelism"] == job["spec"]["completions"] == 1
+    assert await cluster.get("Job", "grow-0") is None
+    st = await cluster.status("grow")
+    assert st["attempt"] == 1 and st["restarts"] == 0 and st["preemptions"] == 0
+    assert _cond(st, "Restarting")["reason"] == "WorkersChanged" and "2 -> 1" in st["message"]
+    await cluster.set_job("grow-1", active=1)
+    await eventually(lambda: _phase(cluster, "grow", "Running"))
+
+
 async def test_kueue_queue_label_and_suspended_creation(cluster, operator):
     await operator.start()
     await cluster.create_dpojob("q", minimal_spec(runPolicy={"queueName": "team-a-gpus"}))

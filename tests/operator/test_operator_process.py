@@ -129,7 +129,8 @@ async def test_peering_keeps_one_active_and_the_standby_takes_over(spawn: Any, k
     assert await active.stop() == 0  # SIGTERM: the active one leaves the peering at once
     await cluster.create_dpojob("two", minimal_spec())
     await eventually(lambda: cluster.get("Job", "two-0"), timeout=30)
-    assert cluster.creates("Job") == 2 and _handled(standby, "two")
+    await eventually(lambda: _handled(standby, "two"), timeout=30)  # kopf logs once the handler returns
+    assert cluster.creates("Job") == 2
 
 
 async def _peers(cluster: FakeCluster, names: set[str]) -> dict[str, dict] | None:

@@ -58,10 +58,11 @@ async def test_a_422_from_the_api_server_ends_failed_with_condition_and_event(cl
         return (await cluster.status("bad")).get("phase") == "Failed"
 
     await eventually(failed)
+    await asyncio.sleep(1.0)  # kopf records the handler's permanent failure in its annotations
     writes = _writes(cluster)
     await asyncio.sleep(2.0)  # ~7 ticks of the 0.3 s timer: nothing more is written
     assert _writes(cluster) == writes
-    assert writes <= 8, [f"{r.method} {r.url.path}" for r in cluster.emulator if r.method in WRITES]
+    assert writes <= 10, [f"{r.method} {r.url.path}" for r in cluster.emulator if r.method in WRITES]
     assert len(refused) == 1 and cluster.creates("Job") == 1  # the refused create is never repeated
     assert await cluster.get("Job", "bad-0") is None
     status = await cluster.status("bad")

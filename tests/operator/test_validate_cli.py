@@ -64,3 +64,19 @@ def test_an_unreadable_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
         main(["validate", str(path), str(tmp_path / "missing.yaml")])
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("cannot read") == 2
+
+
+def test_shared_models_refuse_non_finite_numbers():
+    """The trainer's config and the status models share the base: no Infinity/NaN anywhere."""
+    from pydantic import ValidationError
+
+    from kubedpo_operator.api import Progress
+    from kubedpo_trainer.config import parse_config
+    from kubedpo_trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="training.beta: Input should be a finite number"):
+        parse_config({**minimal_spec(), "training": {"beta": float("inf")}})
+    with pytest.raises(ConfigError, match="finite"):
+        parse_config({**minimal_spec(), "training": {"learningRate": "nan"}})
+    with pytest.raises(ValidationError, match="finite"):
+        Progress(loss=float("inf"))

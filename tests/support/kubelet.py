@@ -100,7 +100,8 @@ class StandInKubelet:
             if name not in self.jobs and not obj["spec"].get("suspend") and not (obj.get("status") or {}).get(
                     "conditions"):
                 self.jobs[name] = await self._start(obj)
-                await self.cluster.patch("Job", name, {"status": {"active": len(self.jobs[name].pods)}},
+                await self.cluster.patch("Job", name, {"status": {"active": len(self.jobs[name].pods),
+                                                                    "ready": len(self.jobs[name].pods)}},
                                          status=True)
             elif name in self.jobs and not self.jobs[name].finished:
                 await self._judge(self.jobs[name], obj)
@@ -190,7 +191,8 @@ class StandInKubelet:
 
     async def _finish(self, job: RunningJob, counts: dict[str, int], cond: str, reason: str, message: str) -> None:
         job.finished = True
-        status = {**counts, "conditions": [{"type": cond, "status": "True", "reason": reason, "message": message}]}
+        status = {**counts, "ready": 0,
+                  "conditions": [{"type": cond, "status": "True", "reason": reason, "message": message}]}
         await self.cluster.patch("Job", job.name, {"status": status}, status=True)
 
     @staticmethod

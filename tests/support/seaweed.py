@@ -61,6 +61,7 @@ class SeaweedFS:
     endpoint: str = ""
     proc: subprocess.Popen[bytes] | None = None
     _own_dir: bool = field(default=False, repr=False)
+    extra_args: tuple[str, ...] = ()  # more `weed mini` flags (e.g. a manifest's), after ours
 
     def start(self, timeout: float = 60.0) -> SeaweedFS:
         if self.data_dir is None:
@@ -88,6 +89,7 @@ class SeaweedFS:
             f"-admin.port={a}", f"-admin.port.grpc={ag}", "-admin.ui=false", "-webdav=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
             f"-filer.localSocket={run_dir}/filer.sock", f"-s3.localSocket={run_dir}/s3.sock",
+            *self.extra_args,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)

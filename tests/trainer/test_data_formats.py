@@ -11,7 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kubedpo_trainer.data.formats import BadRecord, count_rows, parse_row, read_rows, row_label
+from kubedpo_trainer.data.formats import BadRecord, parse_row
+from kubedpo_trainer.data.index import IndexStore
+from kubedpo_trainer.data.rows import RowFetcher
+from kubedpo_trainer.data.shards import list_shards
 from kubedpo_trainer.errors import InputError
 
 USER = {"role": "user", "content": "Words: cat dog."}
@@ -96,23 +99,33 @@ def _write_all(tmp_path: Path, rows: list[dict]) -> dict[str, Path]:
     return paths
 
 
+def _read_all(path: Path, tmp: Path, rows: list[int] | None = None) -> list[tuple[str, object]]:
+    """Index the shard and fetch `rows` (default: all) the way the stream does: (row id, raw)."""
+    shards = list_shards(str(path))
+    store = IndexStore(str(tmp / "index"))
+    entries = store.ensure(shards)
+    fetcher = RowFetcher(entries, store, block_rows=4)
+    return fetcher.fetch([(0, r) for r in (rows if rows is not None else range(entries[0].rows))])
+
+
 def test_jsonl_gz_and_parquet_readers_agree(tmp_path: Path) -> None:
     rows = _rows(10)
     for kind, path in _write_all(tmp_path, rows).items():
-        got = list(read_rows(str(path)))
-        assert [raw for _, _, raw in got] == rows, kind
-        assert [i for i, _, _ in got] == list(range(10)), kind
-        assert [raw for _, _, raw in read_rows(str(path), start_row=7)] == rows[7:], kind
-        assert count_rows(str(path)) == 10, kind
+        got = _read_all(path, tmp_path / kind)
+        assert [raw for _, raw in got] == rows, kind
+        assert [rid for rid, _ in got] == [f"{path}:{i + (kind != 'parquet')}" for i in range(10)], kind
+        assert [raw for _, raw in _read_all(path, tmp_path / kind, [9, 7, 8])] == [rows[9], rows[7], rows[8]], kind
 
 
-def test_jsonl_resumes_at_a_byte_offset(tmp_path: Path) -> None:
+def test_jsonl_index_holds_exact_row_offsets(tmp_path: Path) -> None:
     rows = _rows(6)
     path = _write_all(tmp_path, rows)["jsonl"]
-    after = {i: b for i, b, _ in read_rows(str(path))}
-    assert after[5] == path.stat().st_size  # offsets are exact bytes
-    got = list(read_rows(str(path), start_row=3, start_byte=after[2]))
-    assert [(i, raw) for i, _, raw in got] == [(i, rows[i]) for i in range(3, 6)]
+    [shard] = list_shards(str(path))
+    store = IndexStore(str(tmp_path / "index"))
+    [entry] = store.ensure([shard])
+    offs = store.offsets(shard, 0, entry.rows)
+    assert entry.rows == 6 and offs[-1] == path.stat().st_size  # offsets are exact bytes
+    assert json.loads(path.read_bytes()[offs[3]:offs[4]]) == rows[3]
 
 
 def test_parquet_reads_only_the_row_groups_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,22 +139,20 @@ def test_parquet_reads_only_the_row_groups_it_needs(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
     monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("whole-file read"))
-    assert [i for i, _, _ in read_rows(str(path), start_row=7)] == [7, 8, 9]
+    assert [rid for rid, _ in _read_all(path, tmp_path, [7, 8, 9])] == [f"{path}:{i}" for i in (7, 8, 9)]
     assert read_groups == [2, 3]
 
 
 def test_jsonl_rows_are_physical_lines_and_bad_json_is_a_value(tmp_path: Path) -> None:
     path = tmp_path / "b.jsonl"
     path.write_text('{"a": 1}\n\n{oops\n{"a": 2}\n')
-    got = list(read_rows(str(path)))
-    assert [i for i, _, _ in got] == [0, 2, 3]  # the blank line 2 is skipped but counted
-    assert isinstance(got[1][2], BadRecord) and got[2][2] == {"a": 2}
-    assert row_label(str(path), 2) == f"{path}:3"  # what an editor shows
-    assert row_label("s3://b/x.parquet", 2) == "s3://b/x.parquet:2"  # Parquet: the row index
+    got = _read_all(path, tmp_path)
+    assert [rid for rid, _ in got] == [f"{path}:1", f"{path}:3", f"{path}:4"]  # blank line 2: no row, counted
+    assert isinstance(got[1][1], BadRecord) and got[2][1] == {"a": 2}
 
 
 def test_corrupt_gzip_is_an_input_error_naming_the_shard(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl.gz"
     path.write_bytes(gzip.compress(b'{"a": 1}\n' * 100)[:-30] + b"garbage")
     with pytest.raises(InputError, match=str(path)):
-        list(read_rows(str(path)))
+        _read_all(path, tmp_path)

@@ -5,8 +5,9 @@ gloo, CPU, the real trainer on the tiny Llama.
 accelerate 1.15 grants FSDP only on GPU-type backends: on CPU it silently keeps MULTI_CPU (DDP)
 and ignores the FSDP config (torch's FSDP1 refuses CPU outright: "FSDP needs a non-CPU
 accelerator device"; FSDP2's `fully_shard` does run on CPU with gloo). So that FSDP is testable
-without a GPU, `_LAUNCHER` makes accelerate's state say FSDP where it would have said MULTI_CPU,
-exactly as its GPU branch does (`distributed_type = FSDP`, `fsdp_plugin = plugin`). Everything
+without a GPU, the launcher makes accelerate's state say FSDP where it would have said MULTI_CPU,
+exactly as its GPU branch does (`distributed_type = FSDP`, `fsdp_plugin = plugin`):
+tests/support/fsdp_launcher.py. Everything
 after that is accelerate's and torch's real FSDP2: `fully_shard` per decoder layer, DTensor
 params and optimizer state, reduce-scatter/all-gather over gloo, `get_state_dict` gathering to
 rank 0. The last test checks the unpatched behaviour: a warning, and a DDP run.
@@ -40,29 +41,7 @@ FSDP_ENV = {
     "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
 }
 
-_LAUNCHER = '''\
-import sys
-
-from accelerate import state as _st
-from accelerate.utils import DistributedType
-
-_orig = _st.AcceleratorState.__init__
-
-
-def _init(self, *args, **kwargs):
-    _orig(self, *args, **kwargs)
-    plugin = kwargs.get("fsdp_plugin")
-    if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
-        self.distributed_type = DistributedType.FSDP
-        self.fsdp_plugin = plugin
-        _st.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-
-_st.AcceleratorState.__init__ = _init
-from kubedpo_trainer.cli import main  # noqa: E402
-
-main(sys.argv[1:])
-'''
+LAUNCHER = Path(__file__).parents[1] / "support" / "fsdp_launcher.py"  # the forced-FSDP shim
 
 
 def _config(tiny: Any, out: Path, ckpt: Path | None = None, strategy: str = "ddp") -> dict[str, Any]:
@@ -103,8 +82,7 @@ def runs(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     """A DDP run, an FSDP run of the same job (asked for in the spec), and an FSDP run resumed from
     the latter's step 3."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    launcher = tmp / "fsdp_launcher.py"
-    launcher.write_text(_LAUNCHER)
+    launcher = LAUNCHER
     out: dict[str, Run] = {}
     out["ddp"] = run_trainer(_config(tiny, tmp / "ddp"), tmp / "ddp", nproc=2, torchrun=True)
     out["fsdp"] = run_fsdp(_config(tiny, tmp / "fsdp", tmp / "fsdp" / "ckpt", "fsdp"), tmp / "fsdp", launcher,
@@ -207,8 +185,7 @@ def test_fsdp_env_without_gpu_warns_and_runs_ddp(tiny, tmp_path: Path) -> None:
 def test_fsdp_eval_with_unequal_rank_shares_matches_ddp(tiny, tmp_path: Path) -> None:
     """9 eval rows over 2 ranks of batch 4: 2 batches on one rank, 1 on the other. Under FSDP every
     forward is a collective, so the short rank repeats a batch, uncounted (this hung before)."""
-    launcher = tmp_path / "fsdp_launcher.py"
-    launcher.write_text(_LAUNCHER)
+    launcher = LAUNCHER
     runs = {}
     for name in ("ddp", "fsdp"):
         cfg = tiny_config(tiny, tmp_path / name, data={"shuffleBuffer": 1, "evalMaxRows": 9},
@@ -220,3 +197,49 @@ def test_fsdp_eval_with_unequal_rank_shares_matches_ddp(tiny, tmp_path: Path) ->
     for phase in ("eval_at_start", "eval"):
         assert fsdp[phase]["eval_loss"] == pytest.approx(ddp[phase]["eval_loss"], abs=TOL)
         assert fsdp[phase]["eval_rewards_margins"] == pytest.approx(ddp[phase]["eval_rewards_margins"], abs=TOL)
+
+
+def test_lora_under_fsdp_trains_like_ddp_and_checkpoints_the_adapter_only(tiny, tmp_path: Path) -> None:
+    """The 70B example's setting: a LoRA adapter on an FSDP2-sharded frozen base (the reference is
+    that base with the adapter off). Per-step numbers equal DDP's; the DCP checkpoint holds the
+    adapter and its AdamW state only (frozen base weights are left out)."""
+    runs = {}
+    for name in ("ddp", "fsdp"):
+        cfg = tiny_config(tiny, tmp_path / name, data={"shuffleBuffer": 1},
+                          model={"lora": {"rank": 4}},
+                          training={"maxSteps": 3, "batchSize": 4, "distributed": {"strategy": name}},
+                          checkpoint={"uri": str(tmp_path / name / "ckpt"), "everySteps": 3})
+        cfg["data"].pop("eval")
+        runs[name] = (run_trainer(cfg, tmp_path / name, nproc=2, torchrun=True) if name == "ddp"
+                      else run_fsdp(cfg, tmp_path / name, LAUNCHER, from_env=False))
+        assert runs[name].returncode == 0, runs[name].stderr[-4000:]
+    assert "distributed: FSDP2 over 2 processes" in runs["fsdp"].stderr
+    ddp, fsdp = runs["ddp"].train_logs(), runs["fsdp"].train_logs()
+    assert len(ddp) == len(fsdp) == 3
+    for a, b in zip(ddp, fsdp, strict=True):
+        for k in ("loss", "logps_chosen", "logps_rejected", "rewards_margins", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], abs=TOL), (a["step"], k)
+    assert fsdp[-1]["rewards_margins"] != 0  # the adapter moved away from the reference
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(tmp_path / "fsdp" / "ckpt" / "step-000003" / "sharded")).read_metadata()
+    keys = [k for k in meta.state_dict_metadata if k.startswith("model.")]
+    assert keys and all("lora_" in k for k in keys), keys[:5]
+
+
+def test_fsdp_precompute_with_unequal_rank_shares_matches_ddp(tiny, tmp_path: Path) -> None:
+    """referenceLogps: precompute under FSDP: the reference is sharded, so each of its forwards is a
+    collective. 9 eval rows over 2 ranks give the ranks unequal forward counts; the short rank must
+    run throw-away forwards in step (this hung: the reference cache ran each rank's own count)."""
+    runs = {}
+    for name in ("ddp", "fsdp"):
+        cfg = tiny_config(tiny, tmp_path / name, data={"shuffleBuffer": 1, "evalMaxRows": 9},
+                          training={"maxSteps": 2, "batchSize": 4, "referenceLogps": "precompute",
+                                    "distributed": {"strategy": name}})
+        runs[name] = (run_trainer(cfg, tmp_path / name, nproc=2, torchrun=True) if name == "ddp"
+                      else run_fsdp(cfg, tmp_path / name, LAUNCHER, from_env=False))
+        assert runs[name].returncode == 0, runs[name].stderr[-4000:]
+    assert "distributed_type=FSDP" in runs["fsdp"].stderr or "FSDP" in runs["fsdp"].stderr
+    ddp, fsdp = (runs[n].summary() for n in ("ddp", "fsdp"))
+    assert fsdp["eval"]["eval_loss"] == pytest.approx(ddp["eval"]["eval_loss"], abs=TOL)
+    assert _losses(runs["fsdp"]) == pytest.approx(_losses(runs["ddp"]), abs=TOL)

@@ -18,7 +18,7 @@ from kubedpo_trainer import storage
 from kubedpo_trainer.config import parse_config
 from kubedpo_trainer.errors import InputError
 from kubedpo_trainer.export import SUMMARY, export_final
-from kubedpo_trainer.models import load_models, load_tokenizer, resolve_dtype, resolve_model_source
+from kubedpo_trainer.models import disable_dropout, load_models, load_tokenizer, resolve_model_source
 from kubedpo_trainer.tiny import preference_rows
 
 
@@ -188,18 +188,44 @@ def test_lora_with_gradient_checkpointing_backpropagates_into_the_adapter(tiny, 
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
 
 
-def test_dtype_resolution(tiny, tmp_path, monkeypatch) -> None:
-    assert resolve_dtype("auto", "cpu") == torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_dtype("auto", "cuda") == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_dtype("auto", "cuda") == torch.float32
-    assert resolve_dtype("float16", "cpu") == torch.float16
+def test_model_dtype_is_the_frozen_weights_dtype(tiny, tmp_path) -> None:
+    """model.dtype: bfloat16 stores the reference in bf16; the policy that trains stays fp32
+    (it used to load in bf16 too, and AdamW stepped bf16 weights)."""
     cfg = parse_config({"model": {"uri": str(tiny.model_dir), "dtype": "bfloat16"},
-                        "data": {"train": tiny.train_uri}, "output": {"uri": str(tmp_path)}})
+                        "data": {"train": tiny.train_uri}, "output": {"uri": str(tmp_path)},
+                        "training": {"precision": "bf16-mixed"}})
     m = load_models(cfg)
-    assert {p.dtype for p in m.policy.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in m.policy.parameters()} == {torch.float32}
     assert {p.dtype for p in m.reference.parameters()} == {torch.bfloat16}
+
+
+def _with_attention_dropout(tiny, tmp_path: Path, p: float) -> Path:
+    """The tiny model with `attention_dropout: p` in its config (Llama applies it functionally)."""
+    folder = tmp_path / "dropout-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny.model_dir, attention_dropout=p)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny.model_dir).save_pretrained(folder)
+    return folder
+
+
+def test_dropout_is_disabled_in_policy_by_default(tiny, tmp_path) -> None:
+    """With attention_dropout 0.1 two train-mode forwards differ; after disable_dropout (on by
+    default, as TRL) they are identical, and the saved config keeps the user's value."""
+    folder = _with_attention_dropout(tiny, tmp_path, 0.1)
+    ids = torch.randint(3, 50, (2, 16))
+    raw = AutoModelForCausalLM.from_pretrained(folder).train()
+    torch.manual_seed(0)
+    assert not torch.equal(raw(input_ids=ids).logits, raw(input_ids=ids).logits)
+    disable_dropout(raw)
+    assert torch.equal(raw(input_ids=ids).logits, raw(input_ids=ids).logits)
+    assert raw.config.attention_dropout == 0.1
+    cfg = parse_config({"model": {"uri": str(folder)}, "data": {"train": tiny.train_uri},
+                        "output": {"uri": str(tmp_path / "out")}})
+    m = load_models(cfg)
+    assert m.policy.training and torch.equal(m.policy(input_ids=ids).logits, m.policy(input_ids=ids).logits)
+    kept = parse_config({**cfg.to_wire(), "training": {"disableDropout": False}})
+    noisy = load_models(kept).policy
+    assert not torch.equal(noisy(input_ids=ids).logits, noisy(input_ids=ids).logits)
 
 
 def test_model_sources(tiny, tmp_path) -> None:

@@ -101,7 +101,10 @@ class ModelConfig(Schema):
     tokenizer_uri: str | None = Field(None, description="Tokenizer folder; defaults to model.uri.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Weights dtype. auto: bfloat16 on GPUs that support it, float32 on CPU.",
+        description="Dtype of the frozen weights: the reference model and LoRA's base (trained weights "
+        "follow training.precision). auto: LoRA's base in bfloat16 under precision bf16-mixed or bf16; "
+        "a full fine-tune's reference like the policy's master weights (float32 unless precision is "
+        "bf16), so policy and reference agree exactly at step 0. bfloat16 halves the reference's memory.",
     )
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter (peft) instead of all weights.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model folder.")
@@ -131,9 +134,22 @@ class DataConfig(Schema):
         "next to the response (TRL's keep_end). Responses are always cut at the right.",
     )
     shuffle_buffer: int = Field(
-        1000, ge=1, description="Rows held in the streaming shuffle buffer (bounds memory)."
+        1000, ge=1, description="Rows of the window shuffled together after the block shuffle (the "
+        "global order's fine shuffle; only its permutation is held in memory)."
     )
-    seed: int = Field(42, description="Seed of shard order and buffer shuffling.")
+    block_rows: int = Field(
+        256, ge=1, description="Rows per block of the global order's coarse shuffle (blocks of "
+        "consecutive rows of one shard are permuted each epoch)."
+    )
+    seed: int = Field(42, description="Seed of the block permutation and the window shuffle.")
+    index_uri: str | None = Field(
+        None, description="Prefix of the shard index (rows and row offsets, built once per data "
+        "version). Default: <checkpoint.uri>/data-index/, or a node-local cache without a checkpoint URI."
+    )
+    on_data_change: Literal["fail", "newEpoch"] = Field(
+        "fail", description="A shard changed (new ETag or size), added or removed since the checkpoint: "
+        "fail (exit 2 naming it) or newEpoch (start the next epoch on the new data, logged)."
+    )
     on_bad_record: Literal["fail", "skip"] = Field(
         "fail",
         description="fail: stop with an error naming file and line; skip: drop the row and count it "
@@ -221,6 +237,15 @@ class TrainingConfig(Schema):
         0.05, gt=0, description="DiscoPOP temperature of the logistic/exponential mix (paper default 0.05)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data: Any) -> Any:
+        """Old manifests name the removed field; say what replaced it instead of 'extra input'."""
+        if isinstance(data, dict) and ("mixedPrecision" in data or "mixed_precision" in data):
+            raise ValueError("mixedPrecision: replaced by training.precision (bf16-mixed, fp32 or bf16); "
+                             "bf16-mixed keeps fp32 master weights under bf16 autocast")
+        return data
+
     @field_validator("label_smoothing")
     @classmethod
     def _exo_needs_smoothing(cls, v: float, info: ValidationInfo) -> float:
@@ -237,10 +262,27 @@ class TrainingConfig(Schema):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
     batch_size: int = Field(4, ge=1, description="Preference pairs per device per micro-step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
-    epochs: int = Field(1, ge=1, description="Passes over the training data (unless maxSteps stops first).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    epochs: int = Field(1, ge=1, description="Passes over the training data; ignored when maxSteps is set.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Train exactly this many optimizer steps, overriding epochs (as TRL's max_steps): the "
+        "data stream starts another epoch whenever one ends before maxSteps.",
+    )
     seed: int = Field(42, description="Seed of model init of new parameters, dropout and sampling.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
+    precision: Literal["auto", "bf16-mixed", "fp32", "bf16"] = Field(
+        "auto",
+        description="bf16-mixed: trained weights and AdamW state in float32, forward/backward under "
+        "bfloat16 autocast (FSDP2: param_dtype bf16, reduce_dtype fp32). fp32: no autocast. bf16: "
+        "weights and optimizer state in bfloat16; updates below bf16's resolution (most at DPO "
+        "learning rates) are lost, so it warns. auto: bf16-mixed on GPUs with bfloat16, fp32 on CPU.",
+    )
+    disable_dropout: bool = Field(
+        True,
+        description="Zero the model's own dropout (dropout layers and attention dropout) in policy and "
+        "reference, as TRL does: DPO compares the policy with the reference on the same tokens, and "
+        "dropout noise would bias that comparison. model.lora.dropout still applies to the adapter.",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="Activation checkpointing: recompute each decoder layer's activations in backward "

@@ -24,17 +24,14 @@ import torch
 from torch import nn
 
 from .config import TrainerConfig
+from .precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
 
 def precision_of(cfg: TrainerConfig) -> str:
-    """`training.precision` (bf16-mixed | fp32 | bf16); older configs say mixedPrecision instead."""
-    precision = getattr(cfg.training, "precision", None)
-    if precision is not None:
-        return str(precision)
-    legacy = getattr(cfg.training, "mixed_precision", "no")
-    return "bf16-mixed" if legacy == "bf16" else "fp32"
+    """`training.precision` resolved for this machine (auto: bf16-mixed on bf16 GPUs, else fp32)."""
+    return resolve_precision(cfg.training.precision, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def wants_fsdp(cfg: TrainerConfig) -> bool:

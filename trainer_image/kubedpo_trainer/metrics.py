@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 PREFIX = "kubedpo_"
-LABELS = ("job", "namespace", "rank")
+# `dpojob`, not `job`: Prometheus owns `job` (the scrape job) and renames a target's own `job` to
+# `exported_job` unless the scrape sets honor_labels, which annotation-based scrapers do not.
+LABELS = ("dpojob", "namespace", "rank")
 
 # TRL's per-step DPO metrics (train and eval_ variants), each a gauge set at every logging step.
 DPO_GAUGES = (
@@ -39,15 +41,25 @@ TRAIN_GAUGES = (
     "tokens_per_second",
     "eta_seconds",
     "last_checkpoint_step",
-    "gpu_memory_bytes",
+    "last_checkpoint_timestamp_seconds",
+    "attempt",
 )
+# Gauges that mean nothing before their event: no series until first set, so a dashboard shows
+# "no data" rather than an eval accuracy or a checkpoint step of 0 before the first one.
+LAZY_GAUGES = frozenset({*(f"eval_{n}" for n in DPO_GAUGES), "last_checkpoint_step",
+                         "last_checkpoint_timestamp_seconds"})
+# Labelled kind=allocated|reserved besides dpojob/namespace/rank; set on GPU only (no series on a
+# CPU run: host memory would be another quantity under the same name).
+GPU_MEMORY = "gpu_memory_bytes"
+GPU_MEMORY_KINDS = ("allocated", "reserved")
 COUNTERS = {
     "samples": "Preference pairs trained on (this rank).",
     "tokens": "Non-padding tokens processed (this rank).",
-    "s3_retries": "S3 requests retried and broken streams resumed.",
-    "bad_records": "Malformed data rows skipped (data.onBadRecord=skip).",
-    "truncated_prompts": "Prompts cut to data.maxPromptLength.",
-    "truncated_responses": "Responses cut to fit data.maxLength.",
+    "job_tokens": "Non-padding tokens processed by all ranks of the job (summed at each logging step).",
+    "s3_retries": "S3 requests retried and broken streams resumed (this rank).",
+    "bad_records": "Malformed data rows skipped, all ranks (data.onBadRecord=skip; summed at each logging step).",
+    "truncated_prompts": "Prompts cut to data.maxPromptLength, all ranks (summed at each logging step).",
+    "truncated_responses": "Responses cut to fit data.maxLength, all ranks (summed at each logging step).",
 }
 HISTOGRAMS = {
     "step_seconds": ("Wall time of one optimizer step.", (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)),
@@ -57,17 +69,15 @@ HISTOGRAMS = {
 
 
 class TrainerMetrics:
-    """The metrics of one trainer process, labelled job/namespace/rank."""
+    """The metrics of one trainer process, labelled dpojob/namespace/rank (`job`: the DPOJob's name)."""
 
     def __init__(self, job: str, namespace: str, rank: int) -> None:
         self.registry = CollectorRegistry()
-        self._labels = {"job": job, "namespace": namespace, "rank": str(rank)}
-        self._gauges = {
-            n: Gauge(PREFIX + n, f"DPO {n.replace('_', ' ')}", LABELS, registry=self.registry).labels(
-                **self._labels
-            )
-            for n in TRAIN_GAUGES
+        self._labels = {"dpojob": job, "namespace": namespace, "rank": str(rank)}
+        self._families = {
+            n: Gauge(PREFIX + n, f"DPO {n.replace('_', ' ')}", LABELS, registry=self.registry) for n in TRAIN_GAUGES
         }
+        self._gauges = {n: g.labels(**self._labels) for n, g in self._families.items() if n not in LAZY_GAUGES}
         self._counters = {
             n: Counter(PREFIX + n, doc, LABELS, registry=self.registry).labels(**self._labels)
             for n, doc in COUNTERS.items()
@@ -77,13 +87,24 @@ class TrainerMetrics:
             for n, (doc, b) in HISTOGRAMS.items()
         }
         self._counted: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
+        self._gpu_family = Gauge(PREFIX + GPU_MEMORY, "Peak GPU memory of the fullest rank, bytes (kind: allocated by "
+                    "tensors, reserved by the caching allocator).", (*LABELS, "kind"), registry=self.registry)
 
     def set(self, values: Mapping[str, float]) -> None:
         """Set gauges by name; names that are not gauges are ignored (logs may carry more)."""
         for name, value in values.items():
             gauge = self._gauges.get(name)
+            if gauge is None and name in LAZY_GAUGES:
+                gauge = self._gauges[name] = self._families[name].labels(**self._labels)
             if gauge is not None:
                 gauge.set(float(value))
+
+    def set_gpu_memory(self, peaks: Mapping[str, float]) -> None:
+        """`kubedpo_gpu_memory_bytes{kind=...}` from `gpu_memory.max_over_ranks`."""
+        for kind, value in peaks.items():
+            if kind not in GPU_MEMORY_KINDS:
+                raise KeyError(f"gpu memory kind {kind!r}: expected one of {GPU_MEMORY_KINDS}")
+            self._gpu_family.labels(**self._labels, kind=kind).set(float(value))
 
     def inc(self, name: str, amount: float = 1.0) -> None:
         if amount:

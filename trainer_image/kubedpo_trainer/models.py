@@ -36,6 +36,7 @@ from .batch import Batch
 from .config import LossType, TrainerConfig
 from .errors import InputError
 from .model_kinds import follow_module, is_peft
+from .precision import PrecisionPlan, plan_precision
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -82,16 +83,6 @@ def resolve_model_source(uri: str, accelerator: Any = None) -> str:
     return str(target)
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """`auto`: bfloat16 on CUDA devices that support it, else float32 (CPU math is fp32)."""
-    if name == "auto":
-        dev = torch.device(device)
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 # --- loading ----------------------------------------------------------------------------------
 
 
@@ -119,17 +110,19 @@ def load_tokenizer(source: TrainerConfig | str, accelerator: Any = None,
     return tok
 
 
-def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, accelerator: Any) -> PreTrainedModel:
+def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, accelerator: Any,
+                     dtype: torch.dtype) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_source(uri, accelerator)
-    dtype = resolve_dtype(cfg.model.dtype, device)
     try:
         model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise InputError(f"model {uri}: cannot load: {err}") from None
+    if cfg.training.disable_dropout:
+        disable_dropout(model)
     if any(p.is_meta for p in model.parameters()):
         return model  # FSDP memory-efficient loading: this rank gets its shards by broadcast
     module: nn.Module = model  # PreTrainedModel.to's functools.wraps signature confuses type checkers
@@ -152,10 +145,18 @@ def lora_config(cfg: TrainerConfig) -> LoraConfig:
     )
 
 
-def load_policy(cfg: TrainerConfig, device: torch.device | str, accelerator: Any = None) -> nn.Module:
-    """The model that trains: all weights, or a peft model whose only trainables are lora_*."""
+def load_policy(cfg: TrainerConfig, device: torch.device | str, accelerator: Any = None,
+                plan: PrecisionPlan | None = None) -> nn.Module:
+    """The model that trains: all weights, or a peft model whose only trainables are lora_*.
+
+    Full fine-tune: loaded in the trainable dtype (fp32 master weights unless precision is bf16).
+    LoRA: the frozen base in `model.dtype` (bf16 by default on GPU), the adapter in fp32 (peft's
+    `autocast_adapter_dtype` upcasts bf16/fp16 adapters), except under pure bf16.
+    """
     device = torch.device(device)
-    model = _from_pretrained(cfg.model.uri, cfg, device, accelerator)
+    plan = plan or plan_precision(cfg.training.precision, cfg.model.dtype, device)
+    dtype = plan.trainable_dtype if cfg.model.lora is None else plan.base_dtype
+    model = _from_pretrained(cfg.model.uri, cfg, device, accelerator, dtype)
     if cfg.training.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and DDP; the KV cache is useless
         # (and wasteful) while training.
@@ -169,7 +170,7 @@ def load_policy(cfg: TrainerConfig, device: torch.device | str, accelerator: Any
 
     if cfg.training.gradient_checkpointing and cfg.training.distributed.strategy != "fsdp":
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, lora_config(cfg))
+    peft_model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=plan.upcast_lora_adapters)
     peft_model.train()
     return peft_model
 
@@ -190,12 +191,34 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_reference(cfg: TrainerConfig, device: torch.device | str, accelerator: Any = None) -> nn.Module | None:
-    """A frozen copy for full fine-tune; None with LoRA (adapter disabled instead) or simpo."""
+# Float attributes that transformers' attention modules read as their dropout probability in
+# train mode (Llama & co. call the functional dropout with `self.attention_dropout`, so there is
+# no nn.Dropout module to zero).
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "dropout_p", "dropout_prob")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Zero every dropout of the model: nn.Dropout layers (what TRL's `disable_dropout_in_model`
+    covers) and the functional attention dropout of transformers' attention modules (which TRL's
+    helper misses). Called before peft wraps the model, so `model.lora.dropout` still applies."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    return model  # model.config stays as loaded: the exported model keeps the user's settings
+
+
+def load_reference(cfg: TrainerConfig, device: torch.device | str, accelerator: Any = None,
+                   plan: PrecisionPlan | None = None) -> nn.Module | None:
+    """A frozen copy for full fine-tune (dtype: `precision.plan_precision`); None with LoRA
+    (adapter disabled instead) or simpo."""
     if cfg.model.lora is not None or cfg.training.loss == LossType.simpo.value:
         return None
+    plan = plan or plan_precision(cfg.training.precision, cfg.model.dtype, device)
     uri = cfg.model.reference_uri or cfg.model.uri
-    return freeze(_from_pretrained(uri, cfg, torch.device(device), accelerator))
+    return freeze(_from_pretrained(uri, cfg, torch.device(device), accelerator, plan.reference_dtype))
 
 
 # --- one interface for the loop ---------------------------------------------------------------
@@ -258,17 +281,19 @@ class PolicyAndReference:
 
 
 def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.device | str | None = None,
+                plan: PrecisionPlan | None = None,
                 prepare_reference: Callable[[nn.Module], nn.Module] | None = None) -> PolicyAndReference:
-    """Policy and reference on `accelerator.device` (or `device`, default CPU).
+    """Policy and reference on `accelerator.device` (or `device`, default CPU), in `plan`'s dtypes.
 
     The reference is loaded first and handed to `prepare_reference` (FSDP: shard it) before the
     policy is read, so a rank never holds two full copies at once.
     """
     dev = torch.device(device if device is not None else (accelerator.device if accelerator else "cpu"))
-    reference = load_reference(cfg, dev, accelerator)
+    plan = plan or plan_precision(cfg.training.precision, cfg.model.dtype, dev)
+    reference = load_reference(cfg, dev, accelerator, plan)
     if reference is not None and prepare_reference is not None:
         reference = prepare_reference(reference)
-    policy = load_policy(cfg, dev, accelerator)
+    policy = load_policy(cfg, dev, accelerator, plan)
     unwrap = accelerator.unwrap_model if accelerator is not None else follow_module
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in policy.parameters())

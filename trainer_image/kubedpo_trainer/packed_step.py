@@ -64,8 +64,9 @@ def train_step_packed(trainer: Any, batches: list[Batch]) -> dict[str, float]:
         last = i == len(packed) - 1
         with contextlib.nullcontext() if last else acc.no_sync(policy):
             pol = packed_forward(policy, mb)
-            ref = (trainer.reference.lookup(mb) if trainer.reference.table is not None
-                   else packed_reference(trainer.models, mb))
+            with acc.autocast():  # the policy's forward is autocast by accelerate: match it
+                ref = (trainer.reference.lookup(mb) if trainer.reference.table is not None
+                       else packed_reference(trainer.models, mb))
             out = compute_loss(t.loss, LossInputs.from_forward(pol, ref, mb), beta, t)
             w = mb["weight"].to(out.losses.device, out.losses.dtype)
             share = (out.losses * w).sum() / total_weight.to(out.losses.device)
@@ -85,6 +86,8 @@ def train_step_packed(trainer: Any, batches: list[Batch]) -> dict[str, float]:
     trainer.scheduler.step()
     policy_out = _cat(outs)
     step_loss = _StepLoss(torch.stack(losses).sum(), torch.cat(chosen), torch.cat(rejected))
-    values = trainer._mean_over_ranks(dpo_metrics(step_loss, policy_out), logit_totals(policy_out)[None])
+    pairs = float(sum(int((b["weight"] > 0).sum()) for b in batches))  # real pairs: padding is no data
+    values = trainer._mean_over_ranks({k: v * pairs for k, v in dpo_metrics(step_loss, policy_out).items()},
+                                      pairs, logit_totals(policy_out)[None] * (pairs > 0))
     values.update(grad_norm=grad_norm, learning_rate=trainer.scheduler.get_last_lr()[0], beta=beta)
     return values

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import storage
@@ -24,9 +24,15 @@ log = logging.getLogger("kubedpo_trainer.progress")
 
 
 class StepLogger:
-    def __init__(self, rank: int, total_steps: int, metrics: TrainerMetrics, start_step: int = 0) -> None:
+    """Rate, throughput and ETA count from `start_step` (where a resumed run picked up) and from
+    this logger's creation: steps done before a restart took no time in this process.
+    `clock` is injectable for tests."""
+
+    def __init__(self, rank: int, total_steps: int, metrics: TrainerMetrics, start_step: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rank, self.total_steps, self.metrics = rank, total_steps, metrics
-        self._t0, self._step0 = time.monotonic(), start_step
+        self._clock = clock
+        self._t0, self._step0 = clock(), start_step
         self._tokens0 = 0.0
         self.metrics.set({"total_steps": total_steps, "step": start_step})
         self.history: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}  # rank 0 only
@@ -37,14 +43,14 @@ class StepLogger:
 
     def train(self, step: int, values: Mapping[str, float], epoch: float, tokens_total: float,
               extra: Mapping[str, float] | None = None) -> dict[str, float]:
-        elapsed = max(time.monotonic() - self._t0, 1e-9)
-        done = step - self._step0
-        rate = done / elapsed
+        elapsed = max(self._clock() - self._t0, 1e-9)
+        rate = (step - self._step0) / elapsed  # optimizer steps per second since the (re)start
         row: dict[str, float] = {
             "step": step,
             "total_steps": self.total_steps,
             "epoch": epoch,
             **values,
+            "steps_per_second": rate,
             "tokens_per_second": (tokens_total - self._tokens0) / elapsed,
             "eta_seconds": (self.total_steps - step) / rate if rate > 0 else float("nan"),
             **(extra or {}),

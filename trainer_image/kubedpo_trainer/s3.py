@@ -28,7 +28,7 @@ from botocore.config import Config
 from .config import S3Config
 from .errors import InputError
 from .s3_errors import translate_errors
-from .s3_reader import S3RangeReader
+from .s3_reader import S3RangeReader, Traffic
 
 MiB = 1024 * 1024
 
@@ -66,6 +66,7 @@ class S3Client:
     _session: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _retries: int = 0
+    traffic: Traffic = field(default_factory=lambda: Traffic())
 
     # --- client and retry accounting -----------------------------------------------------
 
@@ -122,17 +123,17 @@ class S3Client:
 
     # --- reading -------------------------------------------------------------------------
 
-    def list(self, uri: str) -> list[tuple[str, int]]:
-        """(uri, size) of the object `uri` itself, or of every object in the folder `uri`."""
+    def list(self, uri: str) -> list[tuple[str, int, str]]:
+        """(uri, size, ETag) of the object `uri` itself, or of every object in the folder `uri`."""
         bucket, key = split(uri)
         c = self.client
         with self.errors(uri):
             if key and not key.endswith("/"):
                 first = c.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("Contents", [])
                 if first and first[0]["Key"] == key:  # the object itself sorts first under its prefix
-                    return [(uri, int(first[0]["Size"]))]
+                    return [(uri, int(first[0]["Size"]), first[0].get("ETag", ""))]
                 key += "/"
-            return [(f"s3://{bucket}/{k}", size) for k, size in self._keys(bucket, key)]
+            return [(f"s3://{bucket}/{k}", size, etag) for k, size, etag in self._keys(bucket, key)]
 
     def versions(self, uri: str) -> builtins.list[tuple[str, int, str]]:  # `list` is a method here
         """(uri, size, ETag) of the object `uri` itself, or of every object in the folder `uri`."""
@@ -149,18 +150,19 @@ class S3Client:
         exact = [v for v in out if v[0] == uri]
         return exact or sorted(out)
 
-    def _keys(self, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
+    def _keys(self, bucket: str, prefix: str) -> Iterator[tuple[str, int, str]]:
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for o in page.get("Contents", []):
                 if not o["Key"].endswith("/"):  # folder placeholder objects
-                    yield o["Key"], int(o["Size"])
+                    yield o["Key"], int(o["Size"]), o.get("ETag", "")
 
-    def reader(self, uri: str, start: int = 0) -> S3RangeReader:
+    def reader(self, uri: str, start: int = 0, end: int | None = None, etag: str | None = None) -> S3RangeReader:
+        """A resumable reader of bytes [start, end); `etag` makes even the first GET conditional."""
         bucket, key = split(uri)
         return S3RangeReader(
-            self.client, bucket, key, start, attempts=self.settings.max_attempts,
+            self.client, bucket, key, start, end=end, etag=etag, attempts=self.settings.max_attempts,
             on_retry=self.count_retry, wait_initial=self.settings.resume_wait_initial,
-            translate=self.errors,
+            translate=self.errors, traffic=self.traffic,
         )
 
     def exists(self, uri: str) -> bool:
@@ -212,7 +214,7 @@ class S3Client:
             raise InputError(f"{uri}: no objects under this prefix")
         with self.errors(uri), self._transfer() as tm:
             futures = []
-            for k, _size in keys:
+            for k, _size, _etag in keys:
                 dest = Path(local_dir) / k[len(prefix):]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 futures.append(tm.download(bucket, k, str(dest)))
@@ -224,7 +226,7 @@ class S3Client:
         bucket, key = split(uri)
         prefix = key.rstrip("/") + "/" if key else ""
         with self.errors(uri):
-            keys = [k for k, _ in self._keys(bucket, prefix)]
+            keys = [k for k, _, _ in self._keys(bucket, prefix)]
             for i in range(0, len(keys), 1000):
                 batch = [{"Key": k} for k in keys[i:i + 1000]]
                 resp = self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from http.client import IncompleteRead
@@ -52,6 +53,24 @@ BROKEN_STREAM = (
 SKIP_LIMIT = 256 * 1024  # forward seeks shorter than this read through instead of a new GET
 
 
+class Traffic:
+    """GET requests opened and body bytes received by the readers of one client.
+
+    The data plane's cost (bytes per rank per epoch, requests per step) is measured here, at
+    the last point before the network, so the benchmark reports what the store sent.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.gets = 0
+        self.bytes = 0
+
+    def add(self, gets: int = 0, nbytes: int = 0) -> None:
+        with self._lock:
+            self.gets += gets
+            self.bytes += nbytes
+
+
 class _Broken(Exception):
     """A broken body, wrapped so tenacity retries exactly these and nothing else."""
 
@@ -59,8 +78,8 @@ class _Broken(Exception):
 class S3RangeReader(io.RawIOBase):
     """Raw, seekable stream of s3://bucket/key from byte `start`; wrap in io.BufferedReader."""
 
-    def __init__(self, client: Any, bucket: str, key: str, start: int = 0, *,
-                 attempts: int = 8, on_retry: Callable[[], None] = lambda: None,
+    def __init__(self, client: Any, bucket: str, key: str, start: int = 0, *, end: int | None = None,
+                 etag: str | None = None, traffic: Traffic | None = None, attempts: int = 8, on_retry: Callable[[], None] = lambda: None,
                  wait_initial: float = 0.2, wait_max: float = 10.0,
                  translate: Callable[[str], AbstractContextManager[None]] = translate_errors) -> None:
         super().__init__()
@@ -68,7 +87,9 @@ class S3RangeReader(io.RawIOBase):
         self.uri = f"s3://{bucket}/{key}"
         self._pos = start
         self._body: Any = None
-        self._etag: str | None = None
+        self._etag: str | None = etag
+        self._end = end  # exclusive; None: to the end of the object
+        self._traffic = traffic or Traffic()
         self.size: int | None = None
         self._eof = False
         self._on_retry, self._translate = on_retry, translate
@@ -110,14 +131,19 @@ class S3RangeReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         if self._eof or len(buffer) == 0:
             return 0
+        want = len(buffer) if self._end is None else min(len(buffer), self._end - self._pos)
+        if want <= 0:
+            self._eof = True
+            return 0
         try:
-            data = self._retrying(self._read_chunk, len(buffer))
+            data = self._retrying(self._read_chunk, want)
         except _Broken as e:
             raise StorageError(
                 f"{self.uri}: body kept breaking at byte {self._pos} after {self.resumes} resumes: "
                 f"{type(e.__cause__).__name__}"
             ) from e.__cause__
         n = len(data)
+        self._traffic.add(nbytes=n)
         buffer[:n] = data
         self._pos += n
         if n == 0:
@@ -143,15 +169,18 @@ class S3RangeReader(io.RawIOBase):
 
     def _open(self) -> bool:
         """GET from the current offset; False when the offset is at or past the end."""
-        if self.size is not None and self._pos >= self.size:
+        if (self.size is not None and self._pos >= self.size) or (self._end is not None and self._pos >= self._end):
             return False
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
-        if self._pos > 0:
+        if self._end is not None:  # a bounded range: the store sends these bytes and no more
+            kwargs["Range"] = f"bytes={self._pos}-{self._end - 1}"
+        elif self._pos > 0:
             kwargs["Range"] = f"bytes={self._pos}-"
         if self._etag:
             kwargs["IfMatch"] = self._etag
         try:
             with self._translate(self.uri):
+                self._traffic.add(gets=1)
                 resp = self._client.get_object(**kwargs)
         except InputError as e:
             if isinstance(e.__cause__, ClientError):

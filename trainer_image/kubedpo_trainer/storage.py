@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fcntl
 import io
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +47,19 @@ def retry_count() -> int:
     return _Backend.s3.retries
 
 
+def traffic() -> tuple[int, int]:
+    """(GET requests, body bytes) the S3 readers of this process received since `configure`."""
+    t = _Backend.s3.traffic
+    return t.gets, t.bytes
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
+    """An object and its version: the S3 ETag, or `mtime-<ns>` for a local file."""
+
     uri: str
     size: int
+    etag: str = ""
 
 
 def is_s3(uri: str) -> bool:
@@ -67,7 +78,7 @@ def list_objects(uri: str, suffixes: tuple[str, ...] | None = None) -> list[Obje
     InputError too; an unreachable store after retries is StorageError.
     """
     if is_s3(uri):
-        found = [ObjectInfo(u, n) for u, n in _Backend.s3.list(uri)]
+        found = [ObjectInfo(u, n, e) for u, n, e in _Backend.s3.list(uri)]
         if suffixes:
             found = [o for o in found if o.uri.endswith(suffixes)]
         if not found:
@@ -86,7 +97,7 @@ def list_objects(uri: str, suffixes: tuple[str, ...] | None = None) -> list[Obje
     if not files:
         wanted = f" ending in {', '.join(suffixes)}" if suffixes else ""
         raise InputError(f"{uri}: no files{wanted}")
-    return [ObjectInfo(str(f), f.stat().st_size) for f in files]
+    return [ObjectInfo(str(f), st.st_size, f"mtime-{st.st_mtime_ns}") for f in files for st in [f.stat()]]
 
 
 def versions(uri: str) -> list[tuple[str, int, str]]:
@@ -102,7 +113,7 @@ def versions(uri: str) -> list[tuple[str, int, str]]:
     return [(str(f), f.stat().st_size, str(f.stat().st_mtime_ns)) for f in files]
 
 
-def open_range(uri: str, start: int = 0) -> BinaryIO:
+def open_range(uri: str, start: int = 0, etag: str | None = None) -> BinaryIO:
     """A binary stream from byte `start` to the end of the object.
 
     For s3:// it is a buffered, seekable reader that resumes broken bodies at the exact byte
@@ -110,10 +121,26 @@ def open_range(uri: str, start: int = 0) -> BinaryIO:
     pyarrow.parquet.ParquetFile.
     """
     if is_s3(uri):
-        return io.BufferedReader(_Backend.s3.reader(uri, start), buffer_size=READ_BUFFER)
+        return io.BufferedReader(_Backend.s3.reader(uri, start, etag=etag or None), buffer_size=READ_BUFFER)
     f = _local(uri).open("rb")
     f.seek(start)
     return f
+
+
+def read_range(uri: str, start: int, end: int, etag: str | None = None) -> bytes:
+    """Bytes [start, end) of an object in one bounded ranged GET (resumed if the body breaks).
+
+    `etag` (S3) makes the GET conditional: an object replaced since it was listed is an
+    InputError naming it, never a splice of two versions.
+    """
+    if end <= start:
+        return b""
+    if is_s3(uri):
+        with _Backend.s3.reader(uri, start, end=end, etag=etag or None) as r:
+            return r.read()
+    with _local(uri).open("rb") as f:
+        f.seek(start)
+        return f.read(end - start)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -128,7 +155,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     p = _local(uri)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    tmp = p.with_name(f"{p.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # writers may race: each its own
     tmp.write_bytes(data)
     tmp.replace(p)
 

@@ -36,10 +36,12 @@ from .errors import InputError, Preempted
 from .evaluate import evaluate
 from .export import export_final
 from .forward import concatenated_forward, dpo_metrics, logit_totals, logits_from_totals
+from .gpu_memory import cuda_memory_reader, max_over_ranks
 from .losses import LossInputs, beta_at, compute_loss
 from .metrics import TrainerMetrics
 from .models import load_models, load_tokenizer
 from .packed_step import train_step_packed
+from .precision import plan_precision
 from .progress import StepLogger
 from .reference import Reference
 from .reference_cache import precompute
@@ -54,6 +56,7 @@ class Trainer:
         self.cfg = cfg
         self.stop = StopRequest()
         self.step = 0
+        self.skipped_steps = 0  # groups of padding rows only: no optimizer step, no training log
         self.tokens_total = 0.0
         self.step_times: list[float] = []
         self._scratch_dirs: list[Path] = []
@@ -63,9 +66,11 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, t = self.cfg, self.cfg.training
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = plan_precision(t.precision, cfg.model.dtype, device)
         self.acc = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=t.mixed_precision,
+            cpu=device == "cpu",
+            mixed_precision=self.precision.accelerate_mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             fsdp_plugin=dist_cfg.fsdp_plugin(cfg),
         )
@@ -82,12 +87,14 @@ class Trainer:
             namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
             rank=self.rank,
         )
+        self.metrics.set({"attempt": int(os.environ.get("KUBEDPO_ATTEMPT", "0"))})  # gang restarts so far
         if self.rank == 0 and cfg.metrics.port:
             self.metrics_port = self.metrics.serve(cfg.metrics.port)
             log.info("metrics on :%d/metrics", self.metrics_port)
+        self.memory_reader = cuda_memory_reader(device)
         self.tokenizer = load_tokenizer(cfg, self.acc)
         rss_before = dist_cfg.host_rss_bytes()
-        self.models = load_models(cfg, self.acc, prepare_reference=(
+        self.models = load_models(cfg, self.acc, plan=self.precision, prepare_reference=(
             (lambda m: dist_cfg.shard_reference(self.acc, m)) if self.fsdp else None))
         self.reference = (precompute(cfg, self.acc, self.models, self.tokenizer)
                           if t.reference_logps == "precompute" else Reference(self.models))
@@ -100,7 +107,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
                                            fused=fused_adamw_ok(params))
         self.train_stream = PreferenceStream(
-            cfg.data, cfg.data.train, self.tokenizer, self.rank, self.world, t.batch_size
+            cfg.data, cfg.data.train, self.tokenizer, self.rank, self.world, t.batch_size,
+            accumulation=t.gradient_accumulation_steps, index_uri=index_uri(cfg), barrier=self.acc.wait_for_everyone,
         )
         self.total_steps = self._total_steps()
         self.scheduler = get_scheduler(
@@ -121,10 +129,11 @@ class Trainer:
             self.writer = ckpt.CheckpointWriter(
                 cfg.checkpoint.uri, self.rank, self.world, cfg.checkpoint.keep_last,
                 staging=self._scratch("kubedpo-ckpt-"),
-                on_complete=lambda step: self.metrics.set({"last_checkpoint_step": step}),
+                on_complete=lambda step: self.metrics.set(
+                    {"last_checkpoint_step": step, "last_checkpoint_timestamp_seconds": time.time()}),
             )
         self._resume()
-        self.log = StepLogger(self.rank, self.total_steps, self.metrics)
+        self.log = StepLogger(self.rank, self.total_steps, self.metrics, start_step=self.step)
 
     def _total_steps(self) -> int:
         t = self.cfg.training
@@ -135,8 +144,8 @@ class Trainer:
                 f"(batchSize {t.batch_size} x gradientAccumulationSteps "
                 f"{t.gradient_accumulation_steps} x {self.world} ranks)"
             )
-        total = per_epoch * t.epochs
-        return min(total, t.max_steps) if t.max_steps and total else (t.max_steps or total)
+        # As TRL/transformers: maxSteps overrides epochs (the stream cycles epochs until then).
+        return t.max_steps or per_epoch * t.epochs
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -148,11 +157,9 @@ class Trainer:
         uri = ckpt.step_dir(root, step)
         local = storage.download_dir(uri, self._scratch("kubedpo-resume-") / "step")  # lock file stays inside
         state = ckpt.load_json(local / ckpt.TRAINER_STATE)
-        if state["world_size"] != self.world:
-            raise InputError(
-                f"{uri}: written by {state['world_size']} ranks, this run has {self.world}; exact "
-                "resume needs the same number of ranks"
-            )
+        # Another world size is fine for the model (DDP: replicated; FSDP: DCP reshards on load); the
+        # data stream refuses it unless the global batch is unchanged.
+        old_world = state["world_size"]
         model = self.acc.unwrap_model(self.models.policy)
         if self.fsdp:  # each rank reads the pieces of its own shards, whoever wrote them
             if not (local / ckpt.SHARDED_DIR).is_dir():
@@ -164,8 +171,10 @@ class Trainer:
             ckpt.load_trainable_state(model, local / ckpt.weights_file(model))
             self.optimizer.load_state_dict(ckpt.load_torch(local / ckpt.OPTIMIZER))
         self.scheduler.load_state_dict(ckpt.load_torch(local / ckpt.SCHEDULER))
-        ckpt.set_rng_state(ckpt.load_torch(local / ckpt.rng_file(self.rank)))
-        self.train_stream.load_state_dict(ckpt.load_json(local / ckpt.data_file(self.rank)))
+        if (local / ckpt.rng_file(self.rank)).exists():  # a rank new to this world size has none
+            ckpt.set_rng_state(ckpt.load_torch(local / ckpt.rng_file(self.rank)))
+        # Every old rank's data state: with another world size, counters move to rank 0.
+        self.train_stream.load_state_dict([ckpt.load_json(local / ckpt.data_file(r)) for r in range(old_world)])
         self.step = step
         log.info("resumed from %s (step %d)", uri, step)
 
@@ -217,19 +226,30 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def train_step(self, batches: list[Batch]) -> dict[str, float]:
-        """One optimizer step over `gradientAccumulationSteps` micro-batches."""
+    def train_step(self, batches: list[Batch]) -> dict[str, float] | None:
+        """One optimizer step over `gradientAccumulationSteps` micro-batches; None when skipped.
+
+        A group with no real row on any rank (only the weight-0 padding onBadRecord=skip leaves
+        at an epoch's end) is skipped by every rank alike: stepping AdamW on zero gradients
+        would still move the weights (momentum, weight decay), and its loss 0 / accuracy 1.0
+        are no measurement. The scheduler still advances: the schedule follows the step count.
+        """
         t = self.cfg.training
+        real = [int((b["weight"] > 0).sum()) for b in batches]  # pairs that count, per micro-batch
+        if self._sum_over_ranks(float(sum(real))) == 0:
+            self.scheduler.step()
+            return None
         if t.packing is not None:
             return train_step_packed(self, batches)
         beta = beta_at(self.step, self.total_steps, t)
         sums: dict[str, float] = {}
         logits: list[torch.Tensor] = []
-        grad_norm: float | None = None  # set on the micro-batch that syncs gradients (the last)
-        for batch in batches:
+        grad_norm = float("nan")
+        for batch, n in zip(batches, real, strict=True):
             with self.acc.accumulate(self.models.policy):
                 policy = concatenated_forward(self.models.policy, batch)
-                ref = self.reference.logps(batch)
+                with self.acc.autocast():  # the policy's forward is autocast by accelerate: match it
+                    ref = self.reference.logps(batch)
                 out = compute_loss(t.loss, LossInputs.from_forward(policy, ref, batch), beta, t)
                 self.acc.backward(out.loss)
                 if self.acc.sync_gradients:
@@ -237,16 +257,13 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             for k, v in dpo_metrics(out, policy).items():
-                sums[k] = sums.get(k, 0.0) + v / len(batches)
-            logits.append(logit_totals(policy))
-            self.metrics.inc("samples", len(batch["row_ids"]))
+                sums[k] = sums.get(k, 0.0) + v * n  # weighted by real pairs: padding is no data
+            logits.append(logit_totals(policy) * (n > 0))
+            self.metrics.inc("samples", n)
             self.metrics.inc("tokens", batch["num_tokens"])
             self.tokens_total += batch["num_tokens"]
-        if grad_norm is None:
-            raise RuntimeError(f"step {self.step + 1}: {len(batches)} micro-batches never synced gradients "
-                               f"(gradientAccumulationSteps {t.gradient_accumulation_steps})")
         self.scheduler.step()
-        values = self._mean_over_ranks(sums, torch.stack(logits))
+        values = self._mean_over_ranks(sums, float(sum(real)), torch.stack(logits))
         values.update(grad_norm=grad_norm, learning_rate=self.scheduler.get_last_lr()[0], beta=beta)
         return values
 
@@ -257,16 +274,19 @@ class Trainer:
             return float(torch.linalg.vector_norm(torch.stack([_full(g.norm()) for g in grads])))
         return float(_full(self.acc.clip_grad_norm_(self.models.policy.parameters(), max_norm)))
 
-    def _mean_over_ranks(self, values: dict[str, float], logit_totals: torch.Tensor) -> dict[str, float]:
-        """Per-pair metrics averaged over ranks, and logits/* from the micro-batches' token totals,
-        in one all-reduce. Averaging the totals scales numerator and denominator alike, so their
-        ratio is the global token mean TRL logs."""
-        keys = sorted(values)
-        t = torch.cat([torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.acc.device),
+    def _mean_over_ranks(self, sums: dict[str, float], pairs: float,
+                         logit_totals: torch.Tensor) -> dict[str, float]:
+        """Per-pair metrics averaged over the real pairs of all ranks (`sums` are pair-weighted), and
+        logits/* from the micro-batches' token totals, in one all-reduce. With full batches this is
+        TRL's mean over micro-batches and ranks; summing the totals keeps their ratio the global
+        token mean TRL logs."""
+        keys = sorted(sums)
+        t = torch.cat([torch.tensor([sums[k] for k in keys] + [pairs], dtype=torch.float64, device=self.acc.device),
                        logit_totals.to(self.acc.device, torch.float64).flatten()])
-        t = self.acc.reduce(t, reduction="mean")
-        out = dict(zip(keys, t[:len(keys)].tolist(), strict=True))
-        out.update(logits_from_totals(t[len(keys):]))
+        t = self.acc.reduce(t, reduction="sum")
+        total = float(t[len(keys)])
+        out = {k: v / total for k, v in zip(keys, t[:len(keys)].tolist(), strict=True)}
+        out.update(logits_from_totals(t[len(keys) + 1:]))
         return out
 
     def evaluate(self) -> dict[str, float]:
@@ -303,15 +323,23 @@ class Trainer:
                                             start_step=self.step)
         for group in batches:
             t0 = time.perf_counter()
-            values = self.train_step(group.batches)
+            stepped = self.train_step(group.batches)
             self.step += 1
+            if stepped is None:
+                self.skipped_steps += 1
+                log.info("step %d: only weight-0 padding rows on every rank (rows dropped by "
+                         "data.onBadRecord=skip); no optimizer step, not logged", self.step)
+            else:
+                values = stepped
             self.metrics.observe("data_wait_seconds", group.wait_seconds)
             self.step_times.append(time.perf_counter() - t0)
             self.metrics.observe("step_seconds", self.step_times[-1])
             self._record_rows(group)
             stop, due = self._agree()
-            if self.step % t.logging_steps == 0 or self.step == self.total_steps:
+            if stepped is not None and (self.step % t.logging_steps == 0 or self.step == self.total_steps):
                 self._sync_counters()
+                if self.memory_reader is not None:  # a collective, at the same steps on every rank
+                    self.metrics.set_gpu_memory(max_over_ranks(self.memory_reader, self.acc.gather, self.acc.device))
                 self.log.train(self.step, values, epoch=self.train_stream.epoch_progress(),
                                tokens_total=self.tokens_total)
             if t.eval_steps and self.step % t.eval_steps == 0:
@@ -326,7 +354,8 @@ class Trainer:
             eval_values = self.evaluate()
         if self.writer is not None:
             self.writer.wait()
-        summary = {"step": self.step, "total_steps": self.total_steps, "train": values, "eval": eval_values,
+        summary = {"step": self.step, "total_steps": self.total_steps, "skipped_steps": self.skipped_steps,
+                   "train": values, "eval": eval_values,
                    "eval_at_start": eval_start, "data": self._data_totals(),
                    "storage": {"s3_retries": self._sum_over_ranks(float(storage.retry_count()))},
                    "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire(),
@@ -364,10 +393,12 @@ class Trainer:
         return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
     def _sync_counters(self) -> None:
-        stats = self.train_stream.stats
-        self.metrics.sync_counter("bad_records", stats.bad_records)
-        self.metrics.sync_counter("truncated_prompts", stats.truncated_prompts)
-        self.metrics.sync_counter("truncated_responses", stats.truncated_responses)
+        """Only rank 0 serves metrics, so its data counters carry the whole job's totals: every
+        rank calls this at each logging step (two small all-reduces)."""
+        totals = self._data_totals()
+        for key in ("bad_records", "truncated_prompts", "truncated_responses"):
+            self.metrics.sync_counter(key, totals[key])
+        self.metrics.sync_counter("job_tokens", self._sum_over_ranks(self.tokens_total))
         self.metrics.sync_counter("s3_retries", storage.retry_count())
 
     def _record_rows(self, group: Any) -> None:
@@ -386,6 +417,13 @@ class Trainer:
             export_final(model, self.tokenizer, self.cfg, summary, state_dict=full)
             log.info("model written to %s", self.cfg.output.uri)
         self.acc.wait_for_everyone()
+
+
+def index_uri(cfg: TrainerConfig) -> str | None:
+    """Where the shard index lives: data.indexUri, else beside the checkpoints (shared by attempts)."""
+    if cfg.data.index_uri:
+        return cfg.data.index_uri
+    return storage.join(cfg.checkpoint.uri, "data-index") if cfg.checkpoint.uri else None
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -1,31 +1,13 @@
-"""Shard readers (JSONL, JSONL.gz, Parquet) and TRL's preference row formats.
+"""TRL's preference row formats: raw JSON values (or Parquet rows) to validated pairs.
 
-Readers yield (row index, byte offset after the row or -1, raw value) from a starting row,
-reading through `storage.open_range` so S3 and local files share one code path. Plain JSONL
-starts at a byte offset (one ranged GET, no re-reading); a gzip stream cannot be entered in
-the middle, so it is decompressed from its start and rows before `start_row` are skipped
-(streaming, never held); Parquet skips whole row groups from the footer's metadata and reads
-one row group at a time, never the whole file.
-
-Row index: the physical 0-based line index for JSONL (blank lines count, so `file:line` is
-what an editor shows as line index + 1), the 0-based row index for Parquet.
+Reading shards is shards.py (names), index.py (rows and offsets) and rows.py (fetching).
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import json
 import math
-import zlib
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
-
-from .. import storage
-from ..errors import InputError
-
-SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet")
 
 Messages = list[dict[str, str]]
 Format = Literal["auto", "standard", "conversational", "implicit"]
@@ -48,95 +30,6 @@ class PreferenceRow:
 
 class BadRecord(ValueError):
     """A row that cannot be used; the stream adds `file:line` and applies onBadRecord."""
-
-
-def row_label(uri: str, index: int) -> str:
-    """The stable id of a row, `<shard uri>:<line>`: 1-based line for JSONL, row index for Parquet.
-
-    It names the row in errors and in `row_ids` (exactly-once accounting), so it must be
-    what a user finds with an editor (`sed -n 12p`) or `pq.read_table(...).slice(12, 1)`.
-    """
-    return f"{uri}:{index if uri.endswith('.parquet') else index + 1}"
-
-
-# --- readers --------------------------------------------------------------------------------
-
-
-def read_rows(uri: str, start_row: int = 0, start_byte: int | None = None) -> Iterator[tuple[int, int, Any]]:
-    """Yield (row index, byte offset after the row or -1, raw) from `start_row` on.
-
-    `start_byte` (plain JSONL only) must be the byte where row `start_row` starts, as a
-    previous read reported it; it turns the skip into a seek. raw is a dict (or any JSON
-    value), or a BadRecord for a line that is not JSON, so the caller can name the line.
-    A shard that cannot be decoded at all (corrupt gzip or Parquet) is an InputError naming
-    it: retrying will not fix it.
-    """
-    with _decoding_errors(uri):
-        yield from _read_rows(uri, start_row, start_byte)
-
-
-@contextlib.contextmanager
-def _decoding_errors(uri: str) -> Iterator[None]:
-    try:
-        yield
-    except (gzip.BadGzipFile, zlib.error, EOFError, ValueError) as err:
-        # Decoding errors only: network errors stay StorageError (retriable) from the reader.
-        raise InputError(f"{uri}: unreadable shard: {type(err).__name__}: {err}") from None
-
-
-def _read_rows(uri: str, start_row: int, start_byte: int | None) -> Iterator[tuple[int, int, Any]]:
-    if uri.endswith(".parquet"):
-        yield from _parquet_rows(uri, start_row)
-    elif uri.endswith(".gz"):
-        with storage.open_range(uri) as raw, gzip.open(raw, "rb") as f:
-            yield from _jsonl(f, 0, start_row, track_bytes=False)
-    else:
-        offset = start_byte if start_byte is not None else 0
-        first = start_row if start_byte is not None else 0
-        with storage.open_range(uri, offset) as f:
-            yield from _jsonl(f, first, start_row, track_bytes=True, offset=offset)
-
-
-def _jsonl(f: Any, first_row: int, start_row: int, track_bytes: bool, offset: int = 0) -> Iterator[tuple[int, int, Any]]:
-    """Rows of a line stream whose first line has index `first_row`; blank lines are skipped."""
-    row = first_row
-    for line in f:
-        offset += len(line)
-        if row >= start_row and line.strip():
-            try:
-                value: Any = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                value = BadRecord(f"not valid JSON: {err}")
-            yield row, offset if track_bytes else -1, value
-        row += 1
-
-
-def _parquet_rows(uri: str, start_row: int) -> Iterator[tuple[int, int, Any]]:
-    import pyarrow.parquet as pq
-
-    with storage.open_range(uri) as f:
-        pf = pq.ParquetFile(f)
-        base = 0
-        for g in range(pf.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if base + n > start_row:  # groups wholly before start_row are never fetched
-                for i, rec in enumerate(pf.read_row_group(g).to_pylist()):
-                    if base + i >= start_row:
-                        yield base + i, -1, rec
-            base += n
-
-
-def count_rows(uri: str) -> int:
-    """Rows in a shard: Parquet from its footer; JSONL by one streaming pass over non-blank lines."""
-    with _decoding_errors(uri):
-        if uri.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            with storage.open_range(uri) as f:
-                return int(pq.ParquetFile(f).metadata.num_rows)
-        with storage.open_range(uri) as raw:
-            lines: Iterable[bytes] = gzip.open(raw, "rb") if uri.endswith(".gz") else raw
-            return sum(1 for line in lines if line.strip())
 
 
 # --- row formats ----------------------------------------------------------------------------

@@ -1,81 +1,74 @@
-"""A sharded, shuffled, prefetched stream of preference batches that resumes exactly.
+"""A stream of preference batches in a global order, each rank reading only its own rows.
 
-Order: each epoch shuffles the shard order (seed + epoch); rows are read shard by shard and
-the g-th row of the epoch (all ranks) goes to rank g % world. Round-robin of rows, not of
-shards, works for any shard count: one shard and eight ranks, or 3 shards on 2 ranks. Each
-rank shuffles its rows through a bounded buffer (seeded by seed, epoch and rank), so memory
-is `shuffleBuffer` raw rows plus `prefetch` collated batches, whatever the data set's size.
+Interface (what the loop and other features build on):
+- `PreferenceStream(cfg, uri, tokenizer, rank, world, batch_size, accumulation=...)` for
+  training; `for_eval(...)` for evaluation (file order, round-robin of rows over ranks).
+- `batches(until_step, accumulation, start_step)` yields one `Group` per optimizer step:
+  `accumulation` collated micro-batches of `batch_size` pairs each, tokenized ahead on a
+  thread. `rows_for_step(epoch, step)` gives the raw rows of one global batch for this
+  rank without tokenizing (for features that regroup rows, e.g. packing by tokens).
+- `state_dict()` / `load_state_dict()` hold the exact position: epoch, global batches
+  consumed in it, the global batch size, the seed and each shard's (URI, size, ETag).
 
-Exact resume: the position (epoch, shard, row and byte offset inside it, batches yielded,
-buffer RNG state) is snapshotted after every batch, and `state_dict()` returns the snapshot of
-the last batch the *trainer consumed*, not of those the prefetch thread read ahead. The
-buffer is stored as references `[shard, row, seek row, seek byte]`; loading re-reads just
-those rows (plain JSONL from the byte where they start, gzip/Parquet by skipping), so the
-JSON stays small and nothing is re-read from the data set's start.
+Order (see order.py): a seeded block permutation plus a seeded window shuffle, independent
+of the number of ranks; global batch i is the next G = batchSize x accumulation x world rows;
+rank r takes its slice. Rows are located with the shard index (index.py) and fetched with
+bounded ranged GETs, adjacent rows coalesced, a few requests in parallel; so bytes read per
+rank per epoch are about dataset / world, and the first step needs only the index manifest
+and the first batch's rows. Compressed JSONL is decoded by block from its start (index.py);
+Parquet is read by row group (a rank reads every row group holding one of its rows).
 
-Equal batch counts (or DDP hangs): every rank yields exactly floor(floor(rows / world) / B)
-batches per epoch (`batches_per_epoch`), the same number on every rank because each rank has
-at least floor(rows / world) rows; rows past that are not trained this epoch (drop_last; a
-new shuffle next epoch drops others). A rank that lost rows to onBadRecord=skip fills its
-last batch with weight-0 copies whose row ids start with "pad:": they change neither the
-loss nor the gradient, and exactly-once accounting ignores them.
+Exact resume, also with another world size: the position is one number (global batches of
+the epoch consumed) plus the epoch and seed; it continues exactly whenever G is unchanged
+(2 ranks x batch 4 x accumulation 1 = 1 rank x batch 4 x accumulation 2 = 1 x 8 x 1). Any
+other combination is refused (InputError, exit 2) rather than training rows twice or never.
 
-Why no DataLoader worker processes: the exact position must live in one process (worker
-processes each hold part of it and resume only approximately), and tokenizing a batch takes
-milliseconds; one prefetch thread hides it behind the accelerator's step.
+Bad rows (onBadRecord=skip) become weight-0 copies of a good row of the same micro-batch
+(row ids "pad:..."), so every rank's batches stay full and equal in number; they change
+neither loss nor gradient, and exactly-once accounting ignores them.
+
+Memory: the block table (rows / blockRows entries), one window permutation, the prefetch
+queue, and bounded LRU caches of index blocks, decoded compressed blocks and Parquet row
+groups; never a whole shard, never the whole index.
+
+Why no DataLoader worker processes: the exact position must live in one process, and
+tokenizing a batch takes milliseconds; one prefetch thread (plus a small pool for GETs)
+hides it behind the accelerator's step.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import queue
-import random
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
-from .. import storage
 from ..batch import Batch
 from ..config import DataConfig
 from ..errors import InputError
 from .collate import collate
-from .formats import SUFFIXES, BadRecord, count_rows, parse_row, read_rows, row_label
+from .formats import BadRecord, parse_row
+from .index import IndexStore, ShardIndex
+from .order import GlobalOrder, slice_positions
+from .rows import RowFetcher
+from .shards import list_shards
 from .tokenize import DataStats, TokenizedRow, bos_prefix, tokenize_row
 
-STATE_VERSION = 2
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 3
 
 
-class Item(NamedTuple):
-    """A raw row in the shuffle buffer; `ref` = (shard, row, seek row, seek byte or -1) re-reads it."""
-
-    ref: tuple[int, int, int, int]
-    row_id: str
-    raw: Any
-
-
-@dataclass
-class Position:
-    """Where this rank's stream is; advanced by the reader, snapshotted after every batch."""
-
-    epoch: int = 0
-    shard: int = 0  # index into this epoch's shard order
-    row: int = 0  # next row index inside that shard
-    byte: int | None = 0  # byte offset of `row` (plain JSONL); None: rows must be skipped
-    global_row: int = 0  # rows of the epoch (all ranks) read so far
-    batches: int = 0  # batches this rank yielded this epoch
-    buffer: list[Item] = field(default_factory=list)
-    last: list[Item] = field(default_factory=list)  # rows of the last batch: source of padding
-    rng: list[Any] | None = None  # random.Random state of the buffer
-
-    def copy(self) -> Position:
-        return replace(self, buffer=list(self.buffer), last=list(self.last))
-
-    def to_json(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["buffer"] = [list(i.ref) for i in self.buffer]
-        d["last"] = [list(i.ref) for i in self.last]
-        return d
+def default_index_uri() -> str:
+    """Node-local index cache (KUBEDPO_CACHE_DIR, as the model cache) when no prefix is configured."""
+    base = os.environ.get("KUBEDPO_CACHE_DIR") or str(Path(tempfile.gettempdir()) / "kubedpo-cache")
+    return str(Path(base) / "data-index")
 
 
 @dataclass
@@ -86,21 +79,35 @@ class Group:
     wait_seconds: float  # time the training thread waited for them: kubedpo_data_wait_seconds
 
 
+@dataclass(frozen=True)
+class RawRow:
+    """One row of the global order as read: its id (`file:line`) and the parsed JSON (or BadRecord)."""
+
+    position: int
+    row_id: str
+    raw: Any
+
+
 class PreferenceStream:
-    """The rows of `uri` for rank `rank` of `world`, as batches of `batch_size` pairs."""
+    """The rows of `uri` for rank `rank` of `world`, as micro-batches of `batch_size` pairs."""
 
     def __init__(self, cfg: DataConfig, uri: str, tokenizer: Any, rank: int, world: int, batch_size: int,
-                 shuffle: bool = True, prefetch: int = 4) -> None:
+                 shuffle: bool = True, prefetch: int = 4, accumulation: int = 1, index_uri: str | None = None,
+                 barrier: Callable[[], None] = lambda: None) -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
         self.cfg, self.uri, self.tokenizer = cfg, uri, tokenizer
-        self.rank, self.world, self.batch_size = rank, world, batch_size
+        self.rank, self.world, self.batch_size, self.accumulation = rank, world, batch_size, accumulation
         self.shuffle, self.prefetch = shuffle, prefetch
-        self.shards = [o.uri for o in storage.list_objects(uri, SUFFIXES)]
-        self.peak_buffered = 0  # most raw rows the shuffle buffer ever held (memory bound check)
-        self._consumed = Position()
+        self.shards = list_shards(uri)
+        self.index = IndexStore(index_uri or cfg.index_uri or default_index_uri(),
+                                max_blocks=2 * (cfg.shuffle_buffer // cfg.block_rows) + 64)
+        self._barrier = barrier
+        self._entries: list[ShardIndex] | None = None
+        self._order: GlobalOrder | None = None
+        self._fetcher: RowFetcher | None = None
+        self._epoch, self._steps = 0, 0  # position of the last consumed global batch
         self._consumed_stats = DataStats().totals()
-        self._rows: int | None = None
         self._bos = bos_prefix(tokenizer)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -109,24 +116,39 @@ class PreferenceStream:
                  batch_size: int) -> PreferenceStream:
         return cls(cfg, uri, tokenizer, rank, world, batch_size, shuffle=False)
 
-    # --- sizes ------------------------------------------------------------------------------
+    # --- index and sizes --------------------------------------------------------------------
+
+    def _ready(self) -> tuple[GlobalOrder, RowFetcher]:
+        """Index (built in parallel over ranks on first use, then read) and the order over it."""
+        if self._order is None or self._fetcher is None:
+            self._entries = self.index.ensure(self.shards, self.rank, self.world, self._barrier)
+            self._order = GlobalOrder([e.rows for e in self._entries], self.cfg.block_rows,
+                                      self.cfg.shuffle_buffer, self.cfg.seed, self.shuffle)
+            self._fetcher = RowFetcher(self._entries, self.index, self.cfg.block_rows)
+        return self._order, self._fetcher
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.accumulation * self.world
 
     def rows_per_epoch(self) -> int:
-        """Rows of all shards (bad ones included): free for Parquet, one streaming pass for JSONL."""
-        if self._rows is None:
-            self._rows = sum(count_rows(s) for s in self.shards)
-        return self._rows
+        """Rows of all shards (bad ones included), from the index."""
+        return self._ready()[0].total
+
+    def steps_per_epoch(self) -> int:
+        """Global batches per epoch: floor(rows / global batch size)."""
+        return self.rows_per_epoch() // self.global_batch
 
     def batches_per_epoch(self) -> int:
-        """The same on every rank: floor(floor(rows / world) / batch_size)."""
-        return (self.rows_per_epoch() // self.world) // self.batch_size
+        """Micro-batches per epoch on every rank (equal on all ranks by construction)."""
+        return self.steps_per_epoch() * self.accumulation
 
     @property
     def epoch(self) -> int:
-        return self._consumed.epoch
+        return self._epoch
 
     def epoch_progress(self) -> float:
-        return self._consumed.epoch + self._consumed.batches / max(self.batches_per_epoch(), 1)
+        return self._epoch + self._steps / max(self.steps_per_epoch(), 1)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -136,162 +158,156 @@ class PreferenceStream:
         return DataStats.from_totals(self._consumed_stats)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position of the last consumed batch (data_state of a checkpoint)."""
+        """JSON-serialisable position of the last consumed global batch (data_state of a checkpoint)."""
+        order, _ = self._ready()
         return {"version": STATE_VERSION, "rank": self.rank, "world": self.world, "batch_size": self.batch_size,
-                "seed": self.cfg.seed, "shards": self.shards, "position": self._consumed.to_json(),
-                "stats": dict(self._consumed_stats)}
+                "accumulation": self.accumulation, "global_batch": self.global_batch, "seed": self.cfg.seed,
+                "block_rows": self.cfg.block_rows, "window": self.cfg.shuffle_buffer,
+                "shards": [s.key() for s in self.shards], "epoch": self._epoch, "steps": self._steps,
+                "fingerprint": order.fingerprint(self._epoch), "stats": dict(self._consumed_stats)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after the batch `state` was taken at; InputError if that is impossible."""
-        if state.get("version") != STATE_VERSION:
-            raise InputError(f"{self.uri}: data state version {state.get('version')} is not {STATE_VERSION}")
-        if state.get("shards") != self.shards:
-            raise InputError(f"{self.uri}: data changed since the checkpoint (the shard list differs); "
-                             "exact resume is impossible")
-        mine = {"rank": self.rank, "world": self.world, "batch_size": self.batch_size, "seed": self.cfg.seed}
-        theirs = {k: state.get(k) for k in mine}
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue exactly after the global batch `state` was taken at; InputError if impossible.
+
+        `state` is this rank's data state or every rank's of the checkpoint (needed when the
+        world size changed: the counters of all old ranks are then carried by rank 0).
+        """
+        states = state if isinstance(state, list) else [state]
+        s = states[0]
+        if s.get("version") != STATE_VERSION:
+            raise InputError(f"{self.uri}: data state version {s.get('version')} is not {STATE_VERSION} "
+                             "(written by another trainer version); exact resume is impossible")
+        self._check_layout(s)
+        epoch, steps = int(s["epoch"]), int(s["steps"])
+        changed = self._changed_shards(s["shards"])
+        if changed:
+            if self.cfg.on_data_change == "fail":
+                raise InputError(f"{changed[0]}; exact resume is impossible (data changed since the checkpoint). "
+                                 "Restore the data, or set data.onDataChange: newEpoch to start the next epoch "
+                                 "on the new data" + (f" ({len(changed) - 1} more changes)" if len(changed) > 1 else ""))
+            log.warning("data changed since the checkpoint (%s); data.onDataChange=newEpoch: starting epoch %d "
+                        "on the new data", "; ".join(changed[:3]), epoch + 1)
+            epoch, steps = epoch + 1, 0
+        elif s.get("fingerprint") != self._ready()[0].fingerprint(epoch):
+            raise InputError(f"{self.uri}: the epoch's order differs from the checkpoint's (another numpy or "
+                             "trainer version?); exact resume is impossible")
+        self._epoch, self._steps = epoch, steps
+        if len(states) == 1 or s.get("world") == self.world:
+            mine = next((x for x in states if x.get("rank") == self.rank), s)
+            self._consumed_stats = {**DataStats().totals(), **mine.get("stats", {})}
+        else:  # a new world size: rank 0 carries the old ranks' totals, so sums over ranks stay true
+            totals = DataStats().totals()
+            if self.rank == 0:
+                for x in states:
+                    for k, v in x.get("stats", {}).items():
+                        totals[k] = totals.get(k, 0) + v
+            self._consumed_stats = totals
+
+    def _check_layout(self, s: dict[str, Any]) -> None:
+        mine = {"global_batch": self.global_batch, "seed": self.cfg.seed, "block_rows": self.cfg.block_rows,
+                "window": self.cfg.shuffle_buffer}
+        theirs = {k: s.get(k) for k in mine}
         if theirs != mine:
-            raise InputError(f"{self.uri}: the checkpoint's data state was written for {theirs}, this run "
-                             f"has {mine}; exact resume needs the same")
-        p = dict(state["position"])
-        pos = Position(**{**p, "buffer": [], "last": []})
-        pos.buffer = self._resolve(pos.epoch, p["buffer"])
-        pos.last = self._resolve(pos.epoch, p["last"])
-        self._consumed = pos
-        self._consumed_stats = {**DataStats().totals(), **state.get("stats", {})}
+            was = f"{s.get('batch_size')} x {s.get('accumulation')} x {s.get('world')}"
+            now = f"{self.batch_size} x {self.accumulation} x {self.world}"
+            raise InputError(
+                f"{self.uri}: the checkpoint's data order was {theirs} (batchSize x gradientAccumulationSteps x "
+                f"workers = {was}), this run has {mine} ({now}); exact resume needs the same global batch size, "
+                "seed, blockRows and shuffleBuffer (change batchSize or gradientAccumulationSteps with the "
+                "number of ranks so that their product stays the same)")
 
-    def _resolve(self, epoch: int, refs: list[list[int]]) -> list[Item]:
-        """Re-read the rows behind buffer references: one pass per shard from its earliest ref."""
-        order = self._shard_order(epoch)
-        by_shard: dict[int, dict[int, tuple[int, int, int, int]]] = {}
-        for r in refs:
-            by_shard.setdefault(r[0], {})[r[1]] = (r[0], r[1], r[2], r[3])
-        found: dict[tuple[int, int], Item] = {}
-        for s, want in by_shard.items():
-            uri = order[s]
-            first = min(want.values(), key=lambda r: r[1])
-            for idx, _, raw in read_rows(uri, first[2], None if first[3] < 0 else first[3]):
-                ref = want.pop(idx, None)
-                if ref is not None:
-                    found[(s, idx)] = Item(ref, row_label(uri, idx), raw)
-                if not want:
-                    break
-            if want:
-                raise InputError(f"{uri}: rows {sorted(want)} named by the checkpoint's data state are "
-                                 "gone; the data changed")
-        return [found[(r[0], r[1])] for r in refs]
+    def _changed_shards(self, saved: list[list[Any]]) -> list[str]:
+        """What differs between the checkpoint's shards and the listed ones, each naming the shard."""
+        now = {s.uri: (s.size, s.etag) for s in self.shards}
+        was = {u: (int(n), e) for u, n, e in saved}
+        out = []
+        for u, (n, e) in was.items():
+            if u not in now:
+                out.append(f"{u}: shard removed")
+            elif now[u] != (n, e):
+                out.append(f"{u}: shard changed in place (size {n} -> {now[u][0]}, ETag {e} -> {now[u][1]})")
+        out += [f"{u}: shard added" for u in now if u not in was]
+        return out
 
-    # --- reading ----------------------------------------------------------------------------
+    # --- rows -------------------------------------------------------------------------------
 
-    def _shard_order(self, epoch: int) -> list[str]:
-        order = list(self.shards)
-        if self.shuffle:
-            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+    def read_positions(self, epoch: int, positions: range | list[int]) -> list[RawRow]:
+        """Raw rows at these epoch positions, fetched with ranged reads (in the given order)."""
+        order, fetcher = self._ready()
+        located = [order.locate(epoch, p) for p in positions]
+        raws = fetcher.fetch(located)
+        return [RawRow(p, rid, raw) for p, (rid, raw) in zip(positions, raws, strict=True)]
 
-    def _my_raw_rows(self, pos: Position, limit: int | None = None) -> Iterator[Item]:
-        """This rank's raw rows of the epoch from `pos`, advancing `pos` as rows are read."""
-        order = self._shard_order(pos.epoch)
-        while pos.shard < len(order):
-            uri = order[pos.shard]
-            for idx, byte_after, raw in read_rows(uri, pos.row, pos.byte):
-                if limit is not None and pos.global_row >= limit:
-                    return
-                ref = (pos.shard, idx, pos.row, -1 if pos.byte is None else pos.byte)
-                g = pos.global_row
-                pos.global_row, pos.row = g + 1, idx + 1
-                pos.byte = byte_after if byte_after >= 0 else None
-                if g % self.world == self.rank:
-                    yield Item(ref, row_label(uri, idx), raw)
-            pos.shard, pos.row, pos.byte = pos.shard + 1, 0, 0
+    def rows_for_step(self, epoch: int, step: int) -> list[RawRow]:
+        """This rank's raw rows of global batch `step` of `epoch`: its slice, micro-batch by micro-batch."""
+        return [r for m in range(self.accumulation) for r in self.read_positions(
+            epoch, slice_positions(step, m, self.rank, self.world, self.batch_size, self.accumulation))]
 
-    def _shuffled(self, pos: Position, limit: int | None = None) -> Iterator[Item]:
-        """Bounded shuffle buffer over this rank's rows; its contents and RNG live in `pos`."""
-        rng = random.Random(self.cfg.seed + 7919 * pos.epoch + 104_729 * self.rank)
-        if pos.rng is not None:
-            v, internal, gauss = pos.rng
-            rng.setstate((v, tuple(internal), gauss))
-        size = self.cfg.shuffle_buffer if self.shuffle else 1
-        source = self._my_raw_rows(pos, limit)
-        exhausted = False
-        while True:
-            while not exhausted and len(pos.buffer) < size:
-                item = next(source, None)
-                if item is None:
-                    exhausted = True
-                else:
-                    pos.buffer.append(item)
-            self.peak_buffered = max(self.peak_buffered, len(pos.buffer))
-            if not pos.buffer:
-                return
-            i = rng.randrange(len(pos.buffer))
-            pos.buffer[i], pos.buffer[-1] = pos.buffer[-1], pos.buffer[i]
-            item = pos.buffer.pop()
-            v, internal, gauss = rng.getstate()
-            pos.rng = [v, list(internal), gauss]
-            yield item
-
-    def _tokenize(self, item: Item, stats: DataStats, row_id: str | None = None) -> TokenizedRow | None:
+    def _tokenize(self, row: RawRow, stats: DataStats, row_id: str | None = None) -> TokenizedRow | None:
         """The tokenized row, or None when it is bad and onBadRecord=skip (counted)."""
         try:
-            row = parse_row(item.raw, self.cfg.format)
-            return tokenize_row(row, row_id or item.row_id, self.tokenizer, self.cfg, stats, self._bos)
+            parsed = parse_row(row.raw, self.cfg.format)
+            return tokenize_row(parsed, row_id or row.row_id, self.tokenizer, self.cfg, stats, self._bos)
         except BadRecord as err:
             if self.cfg.on_bad_record == "fail":
-                raise InputError(f"{item.row_id}: {err} (data.onBadRecord=fail; set skip to drop such rows)") from None
+                raise InputError(f"{row.row_id}: {err} (data.onBadRecord=fail; set skip to drop such rows)") from None
             stats.add(bad_records=1)
             return None
 
-    def _train_batches(self, pos: Position, stats: DataStats) -> Iterator[tuple[Batch, Position, dict[str, int]]]:
-        """(batch, position after it, stats after it) forever, epoch after epoch, equal counts per rank."""
-        nb = self.batches_per_epoch()
-        if nb < 1:
-            raise InputError(f"{self.uri}: {self.rows_per_epoch()} rows are too few for one batch of "
-                             f"{self.batch_size} on each of {self.world} ranks")
-        while True:
-            rows_iter = self._shuffled(pos)
-            while pos.batches < nb:
-                rows: list[TokenizedRow] = []
-                taken: list[Item] = []
-                for item in rows_iter:
-                    tok = self._tokenize(item, stats)
-                    if tok is not None:
-                        rows.append(tok)
-                        taken.append(item)
-                        if len(rows) == self.batch_size:
-                            break
-                rows += self._padding(taken or pos.last, self.batch_size - len(rows))
-                pos.batches += 1
-                pos.last = taken or pos.last
-                yield collate(rows, self._pad_id), pos.copy(), stats.totals()
-            pos.epoch, pos.shard, pos.row, pos.byte, pos.global_row, pos.batches = pos.epoch + 1, 0, 0, 0, 0, 0
-            pos.buffer, pos.last, pos.rng = [], [], None
-
-    def _padding(self, source: list[Item], missing: int) -> list[TokenizedRow]:
-        """Weight-0 copies of good rows so every rank yields full, equally many batches."""
-        if missing <= 0:
-            return []
-        if not source:
-            raise InputError(f"{self.uri}: rank {self.rank} has no usable rows this epoch")
-        out = []
-        for i in range(missing):
-            item = source[i % len(source)]
-            tok = self._tokenize(item, DataStats(), row_id=f"pad:{item.row_id}")
+    def _micro_batch(self, rows: list[RawRow], epoch: int, stats: DataStats) -> Batch:
+        toks = [(r, self._tokenize(r, stats)) for r in rows]
+        good = [t for _, t in toks if t is not None]
+        source = [r for r, t in toks if t is not None]
+        pads = []
+        for i in range(len(rows) - len(good)):
+            source = source or self._any_good_row(epoch, rows[-1].position)
+            r = source[i % len(source)]
+            tok = self._tokenize(r, DataStats(), f"pad:{r.row_id}")
             assert tok is not None  # it tokenized before
-            out.append(replace(tok, margin=0.0, weight=0.0))
-        return out
+            pads.append(replace(tok, margin=0.0, weight=0.0))
+        return collate(good + pads, self._pad_id)
+
+    def _any_good_row(self, epoch: int, after: int) -> list[RawRow]:
+        """A usable row to pad an all-bad micro-batch with: the next good one of the epoch's order."""
+        total = self._ready()[0].total
+        for k in range(1, total + 1):
+            row = self.read_positions(epoch, [(after + k) % total])[0]
+            if self._tokenize(row, DataStats()) is not None:
+                return [row]
+        raise InputError(f"{self.uri}: no usable rows at all (every row is bad)")
 
     # --- what the loop calls ----------------------------------------------------------------
 
-    def batches(self, until_step: int, accumulation: int, start_step: int = 0) -> Iterator[Group]:
-        """Optimizer-step groups from `start_step` to `until_step`, tokenized ahead on a thread.
+    def _train_groups(self, epoch: int, step: int, stats: DataStats) -> Iterator[tuple[list[Batch], int, int, dict[str, int]]]:
+        """(micro-batches of one global batch, epoch and steps after it, stats after it), forever."""
+        per_epoch = self.steps_per_epoch()
+        if per_epoch < 1:
+            raise InputError(f"{self.uri}: {self.rows_per_epoch()} rows are too few for one global batch of "
+                             f"{self.global_batch} (batchSize {self.batch_size} x accumulation "
+                             f"{self.accumulation} x {self.world} ranks)")
+        while True:
+            while step < per_epoch:
+                micro = [self._micro_batch(self.read_positions(epoch, slice_positions(
+                    step, m, self.rank, self.world, self.batch_size, self.accumulation)), epoch, stats)
+                    for m in range(self.accumulation)]
+                step += 1
+                yield micro, epoch, step, stats.totals()
+            epoch, step = epoch + 1, 0
 
-        Starts at the last consumed batch (a fresh stream, a loaded state, or where a previous
-        `batches()` call stopped), so calling it again never skips prefetched batches.
+    def batches(self, until_step: int, accumulation: int, start_step: int = 0) -> Iterator[Group]:
+        """Optimizer-step groups from `start_step` to `until_step`, read and tokenized ahead on a thread.
+
+        Starts at the last consumed global batch (a fresh stream, a loaded state, or where a
+        previous `batches()` call stopped), so calling it again never skips prefetched batches.
         """
+        if accumulation != self.accumulation:
+            raise ValueError(f"accumulation {accumulation} differs from the stream's {self.accumulation}")
+        self._ready()
         q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        pos, stats = self._consumed.copy(), DataStats.from_totals(self._consumed_stats)
+        epoch, step, stats = self._epoch, self._steps, DataStats.from_totals(self._consumed_stats)
+        if step >= self.steps_per_epoch():
+            epoch, step = epoch + 1, 0
 
         def put(item: tuple[str, Any]) -> bool:
             while not stop.is_set():
@@ -304,8 +320,8 @@ class PreferenceStream:
 
         def produce() -> None:
             try:
-                for item in self._train_batches(pos, stats):
-                    if not put(("batch", item)):
+                for item in self._train_groups(epoch, step, stats):
+                    if not put(("group", item)):
                         return
             except BaseException as err:  # re-raised on the training thread
                 put(("error", err))
@@ -315,33 +331,31 @@ class PreferenceStream:
         try:
             for _ in range(start_step, until_step):
                 t0 = time.perf_counter()
-                group = []
-                for _ in range(accumulation):
-                    kind, item = q.get()
-                    if kind == "error":
-                        raise item
-                    batch, self._consumed, self._consumed_stats = item
-                    group.append(batch)
-                yield Group(group, time.perf_counter() - t0)
+                kind, item = q.get()
+                if kind == "error":
+                    raise item
+                micro, self._epoch, self._steps, self._consumed_stats = item
+                yield Group(micro, time.perf_counter() - t0)
         finally:
             stop.set()
             thread.join(timeout=1.0)  # it stops at its next put; never wait on a slow read
 
     def eval_batches(self, device: Any = None) -> Iterator[Batch]:
-        """Every eval row of this rank once, in file order, last partial batch kept.
+        """Every eval row of this rank once, in file order (row g goes to rank g % world), last
+        partial batch kept.
 
         Ranks may yield different counts (evaluate() reduces sums, not per-batch collectives).
         `data.evalMaxRows` caps the rows over all ranks. Tensors stay on CPU (`device` is
         accepted for symmetry; the forward moves them).
         """
-        pos, stats = Position(), DataStats()
-        rows: list[TokenizedRow] = []
-        for item in self._shuffled(pos, limit=self.cfg.eval_max_rows):
-            tok = self._tokenize(item, stats)
-            if tok is not None:
-                rows.append(tok)
-            if len(rows) == self.batch_size:
-                yield collate(rows, self._pad_id)
-                rows = []
-        if rows:
-            yield collate(rows, self._pad_id)
+        total = self.rows_per_epoch()
+        if self.cfg.eval_max_rows is not None:
+            total = min(total, self.cfg.eval_max_rows)
+        mine = range(self.rank, total, self.world)
+        stats = DataStats()
+        for i in range(0, len(mine), self.batch_size):
+            rows = self.read_positions(0, mine[i:i + self.batch_size])
+            good = [t for t in (self._tokenize(r, stats) for r in rows) if t is not None]
+            if good:
+                yield collate(good, self._pad_id)
+

@@ -10,8 +10,9 @@ conversation, the split is at the longest prefix all three renderings share, as 
 Special tokens, as TRL: a plain-text prompt gets BOS exactly when the tokenizer adds one by
 itself (Llama, Mistral), never twice, and never the EOS some tokenizers also append; chat
 renderings carry the template's own special tokens, so nothing is added to them. Every
-response ends with EOS (appended unless it already ends with it), which is how the policy
-learns to stop.
+plain-text response ends with EOS (appended unless it already ends with it), which is how the
+policy learns to stop; conversational responses end as the chat template ends a turn (no EOS
+added, as TRL).
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def tokenize_row(row: PreferenceRow, row_id: str, tokenizer: Any, cfg: DataConfi
     responses = []
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos is not None and ids[-1:] != [eos]:
+        # As TRL: EOS closes plain-text responses only; a chat template's rendering already ends
+        # the turn with its own marker, and a second EOS after it would be trained as the answer.
+        if not row.conversational and eos is not None and ids[-1:] != [eos]:
             ids = ids + [eos]
         if not ids:
             raise BadRecord(f"'{name}' has no tokens and the tokenizer has no eos_token")

@@ -2,31 +2,42 @@
 
 {{/* Rules on namespaced objects: a ClusterRole cluster-wide, a Role per watched namespace otherwise. */}}
 {{- define "kubedpo.rbac.namespacedRules" -}}
-# DPOJobs: kopf watches and patches them (finalizers, progress annotations); TTL deletes them.
+# Least privilege: tests/operator/test_rbac_vs_code.py fails when a verb here is not used by the
+# code (kube.py's client calls and kopf's recorded requests), or the code uses one not granted.
+# DPOJobs: kopf lists, watches and patches them (progress annotations); kube.py reads them and
+# deletes them at ttlSecondsAfterFinished.
 - apiGroups: [kubedpo.io]
   resources: [dpojobs]
-  verbs: [get, list, watch, patch, update, delete]
+  verbs: [get, list, watch, patch, delete]
 - apiGroups: [kubedpo.io]
   resources: [dpojobs/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
+# Not a call: the API server requires it to set blockOwnerDeletion on children owned by a DPOJob.
 - apiGroups: [kubedpo.io]
   resources: [dpojobs/finalizers]
   verbs: [update]
-# Each attempt's children: Indexed Job, headless Service, config ConfigMap.
+# Each attempt's children: Indexed Job (listed to find this DPOJob's attempts, watched for its
+# state, patched for suspend), headless Service, config ConfigMap.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [services, configmaps]
-  verbs: [get, list, watch, create, patch, delete]
-# Pod state explains failures (reasons, exit codes) in DPOJob conditions.
+  verbs: [get, create, delete]
+# Why a gang is Pending: its pods' conditions, and the Job's FailedCreate events.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
-# kopf posts transitions as events (kubectl describe dpoj).
-- apiGroups: ["", events.k8s.io]
+  verbs: [list]
+# kopf.event posts transitions as events (kubectl describe dpoj); the Job's events are read.
+- apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create, list]
+{{- if .Values.networkPolicy.enabled }}
+# One NetworkPolicy per attempt (netpol.py), created before its Job and deleted with it.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, delete]
+{{- end }}
 {{- if and .Values.peering.enabled (not (include "kubedpo.clusterwide" .)) }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
@@ -36,19 +47,13 @@
 
 {{/* Rules on cluster-scoped objects, needed in both modes. */}}
 {{- define "kubedpo.rbac.clusterRules" -}}
-# kopf discovers the resources it serves by watching CRDs.
+# kopf discovers the resources it serves by listing and watching CRDs.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
-  verbs: [get, list, watch]
-{{- if include "kubedpo.clusterwide" . }}
-# kopf lists namespaces when it serves the whole cluster.
-- apiGroups: [""]
-  resources: [namespaces]
-  verbs: [get, list, watch]
-{{- if .Values.peering.enabled }}
+  verbs: [list, watch]
+{{- if and (include "kubedpo.clusterwide" .) .Values.peering.enabled }}
 - apiGroups: [kopf.dev]
   resources: [clusterkopfpeerings]
   verbs: [get, list, watch, patch]
-{{- end }}
 {{- end }}
 {{- end }}
