@@ -34,6 +34,7 @@ from torch import nn
 from . import storage
 from .batch import Batch
 from .config import LossType, TrainerConfig
+from .distributed import meta_model, skips_weight_read
 from .errors import InputError
 from .model_kinds import follow_module, is_peft
 from .precision import PrecisionPlan, plan_precision
@@ -116,9 +117,13 @@ def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, acceler
 
     path = resolve_model_source(uri, accelerator)
     try:
-        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
-        )
+        model: PreTrainedModel
+        if skips_weight_read(accelerator):  # FSDP: rank 0's weights arrive by broadcast
+            model = meta_model(path, dtype, cfg.model.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+            )
     except (OSError, ValueError) as err:
         raise InputError(f"model {uri}: cannot load: {err}") from None
     if cfg.training.disable_dropout:
