@@ -8,6 +8,7 @@ builders produce and the tests assert.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import kubernetes
@@ -90,10 +91,11 @@ class Kube:
     def create(self, obj: dict[str, Any]) -> bool:
         """Create unless it exists (409 → False): a second operator racing us is not an error."""
         ns = obj["metadata"]["namespace"]
-        creator = {"ConfigMap": self.core.create_namespaced_config_map,
-                   "Service": self.core.create_namespaced_service,
-                   "Job": self.batch.create_namespaced_job,
-                   "NetworkPolicy": self.net.create_namespaced_network_policy}[obj["kind"]]
+        creators: dict[str, Callable[..., Any]] = {"ConfigMap": self.core.create_namespaced_config_map,
+                                                   "Service": self.core.create_namespaced_service,
+                                                   "Job": self.batch.create_namespaced_job,
+                                                   "NetworkPolicy": self.net.create_namespaced_network_policy}
+        creator = creators[obj["kind"]]
         try:
             creator(ns, obj, _preload_content=False)
             return True

@@ -10,6 +10,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,13 @@ class OperatorSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         """Apply `KUBEDPO_<FIELD_UPPER>` overrides, converted to each field's type."""
         env = os.environ if env is None else env
-        values = {}
+        values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = env.get(f"KUBEDPO_{f.name.upper()}")
             if raw is None:
                 continue
+            if f.default is dataclasses.MISSING:
+                raise TypeError(f"OperatorSettings.{f.name} has no default to take its type from")
             kind = type(f.default)
             try:
                 values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)

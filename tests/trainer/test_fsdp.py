@@ -28,7 +28,7 @@ import yaml
 
 from tests.support.runs import Run, free_port, run_trainer, tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 STEPS, EVERY = 6, 3
 TOL = 1e-4  # loss per step, and every exported weight: reduction order differs (all-reduce vs reduce-scatter)

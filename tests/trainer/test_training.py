@@ -37,6 +37,7 @@ def test_held_out_reward_accuracy_rises(tiny, tmp_path: Path) -> None:
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
 
 
+@pytest.mark.multiproc
 def test_two_ranks_match_one_rank_with_same_global_batch(tiny, tmp_path: Path) -> None:
     """2 ranks x 4 pairs == 1 rank x 8 pairs: same rows per step (no shuffle buffer), DDP averages
     gradients, so the loss at every step agrees to float32 round-off (tolerance 1e-4: padding to

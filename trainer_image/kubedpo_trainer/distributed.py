@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import DistributedType
@@ -27,6 +27,9 @@ from torch import nn
 
 from .config import TrainerConfig
 from .precision import resolve_precision
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,7 @@ def skips_weight_read(acc: Any) -> bool:
     return bool(plugin is not None and plugin.cpu_ram_efficient_loading and not acc.is_main_process)
 
 
-def meta_model(path: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def meta_model(path: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
     """The architecture from config.json with parameters on the meta device (no memory) and
     buffers real: non-persistent buffers (rotary frequencies) are not broadcast by accelerate."""
     from accelerate import init_empty_weights
