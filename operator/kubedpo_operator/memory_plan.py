@@ -8,7 +8,8 @@ failure: an estimate can be wrong). Components, per device, in bytes:
                caches during forward/backward (DDP bf16-mixed) or the layers FSDP2 gathers
   gradients    one per trainable parameter, in the storage dtype; DDP adds its reduction buckets
   optimizer    AdamW's two moments per trainable parameter, fp32 (bf16 under pure bf16)
-  reference    a full-fine-tune live reference (frozen, compute dtype); 0 with LoRA (the base with
+  reference    a full-fine-tune live reference (frozen; model.dtype, or fp32 like the policy's
+               masters under model.dtype auto); 0 with LoRA (the base with
                the adapter off), with simpo, and after a precompute pass
   activations  what autograd keeps for backward over 2 x batchSize sequences of maxLength tokens:
                per layer and token about 10h + 3kv + 4I values (Llama-style attention + SwiGLU;
@@ -105,16 +106,27 @@ class Setup:
     lora_dropout: float
     cpu_offload: bool
     reshard_after_forward: bool
+    reference_bytes: int = 2  # per parameter of a full fine-tune's reference (see reference_bytes())
 
 
 def precision_of(training: Any, model_dtype: str = "auto") -> str:
-    """`training.precision` where the schema has it; else read from mixedPrecision/dtype."""
+    """`training.precision` where the schema has it (auto counts as bf16-mixed: a plan is for GPUs
+    with bf16); else read from mixedPrecision/dtype."""
     precision = getattr(training, "precision", None)
     if precision is not None:
         return str(precision)
     if getattr(training, "mixed_precision", "no") == "bf16":
         return "bf16-mixed"
     return "bf16" if model_dtype == "bfloat16" else "fp32"
+
+
+def reference_bytes(precision: str, model_dtype: str) -> int:
+    """Bytes per parameter of a full fine-tune's reference, as the trainer stores it
+    (`kubedpo_trainer.precision.plan_precision`): model.dtype when set, else like the policy's
+    master weights (fp32 unless precision is bf16), so policy and reference agree at step 0."""
+    if model_dtype != "auto":
+        return 4 if model_dtype == "float32" else 2
+    return 2 if precision == "bf16" else 4
 
 
 def setup_of(spec: Any) -> Setup:
@@ -128,7 +140,8 @@ def setup_of(spec: Any) -> Setup:
                  gradient_checkpointing=t.gradient_checkpointing, reference=reference,
                  lora_rank=lora.rank if lora else None, lora_targets=lora.target_modules if lora else None,
                  lora_dropout=lora.dropout if lora else 0.0,
-                 cpu_offload=t.distributed.cpu_offload, reshard_after_forward=t.distributed.reshard_after_forward)
+                 cpu_offload=t.distributed.cpu_offload, reshard_after_forward=t.distributed.reshard_after_forward,
+                 reference_bytes=reference_bytes(precision_of(t, spec.model.dtype), spec.model.dtype))
 
 
 def estimate(shape: ModelShape, s: Setup) -> dict[str, int]:
@@ -151,7 +164,7 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, int]:
     if s.strategy == "ddp" and s.world > 1:
         grads *= 2  # DDP's reduction buckets hold a second copy of the gradients
     optimizer = 0 if offload else trainable * 2 * store // shard
-    reference = shape.params * compute // shard if (s.reference == "live" and not lora) else 0
+    reference = shape.params * s.reference_bytes // shard if (s.reference == "live" and not lora) else 0
 
     tokens = 2 * s.batch_size * s.max_length  # chosen + rejected rows of one micro-batch
     per_token = 10 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate
