@@ -83,7 +83,8 @@ def _job(obj: dict[str, Any]) -> list[Problem]:
     return out + _pod(spec.get("template") or {}, "spec.template")
 
 
-_SEMANTIC = {"ConfigMap": lambda o: _meta(o, rules.dns1123_subdomain), "Service": _service, "Job": _job}
+_SEMANTIC = {"ConfigMap": lambda o: _meta(o, rules.dns1123_subdomain), "Service": _service, "Job": _job,
+             "NetworkPolicy": lambda o: _meta(o, rules.dns1123_subdomain)}
 
 
 def child_problems(obj: dict[str, Any], versions: tuple[str, ...] | None = None) -> list[Problem]:

@@ -107,6 +107,8 @@ def delete_attempt(memo: kopf.Memo, namespace: str, name: str, attempt: int) -> 
     """The Job goes last: while it exists, `sync` sees the attempt and retries the whole delete."""
     memo.kube.delete("Service", namespace, job_name(name, attempt))
     memo.kube.delete("ConfigMap", namespace, config_map_name(name, attempt))
+    if memo.settings.network_policy:
+        memo.kube.delete("NetworkPolicy", namespace, job_name(name, attempt))
     memo.kube.delete("Job", namespace, job_name(name, attempt))
 
 
@@ -268,25 +270,35 @@ def _first_status(memo: kopf.Memo, namespace: str, name: str, uid: str, generati
 
 def on_suspend(body: kopf.Body, old: Any, new: Any, name: str, namespace: str, meta: kopf.Meta,
                memo: kopf.Memo, **_: Any) -> None:
-    """runPolicy.suspend ↔ the Job's spec.suspend (with Kueue, resuming is Kueue's admission)."""
-    status = dict(body.get("status") or {})
-    if bool(old) == bool(new) or not status.get("phase") or status.get("phase") in FINISHED_PHASES:
-        return
-    try:
-        spec = parse_spec(dict(body.get("spec") or {}))
-    except SpecError:
+    """runPolicy.suspend ↔ the Job's spec.suspend (with Kueue, resuming is Kueue's admission).
+
+    Acts on a fresh read under the lock: kopf's body may predate a gang restart (its attempt's
+    Job already gone) or a transition the sync already made (never written back over). The
+    level-triggered sync converges the Job too; this handler only makes it immediate.
+    """
+    if bool(old) == bool(new):
         return
     with memo.locks[(namespace, name)]:
+        fresh = memo.kube.get_dpojob(namespace, name)
+        status = dict((fresh or {}).get("status") or {})
+        if fresh is None or not status.get("phase") or status.get("phase") in FINISHED_PHASES:
+            return
+        try:
+            spec = parse_spec(dict(fresh.get("spec") or {}))
+        except SpecError:
+            return
+        suspend = bool(spec.run_policy.suspend)
         attempt = int(status.get("attempt") or 0)
-        keep_suspended = bool(new) or bool(spec.run_policy.queue_name)
+        keep_suspended = suspend or bool(spec.run_policy.queue_name)
         memo.kube.patch_job(namespace, job_name(name, attempt), {"spec": {"suspend": keep_suspended}})
-        phase, reason = ("Suspended", "Suspended") if new else ("Pending", "Resumed")
-        message = "runPolicy.suspend set: pods stopped" if new else "runPolicy.suspend cleared: resuming"
-        patch = status_patch(status, Transition(phase, reason, message), now_iso())
-        patch["observedGeneration"] = meta.get("generation")
+        patch: dict[str, Any] = {"observedGeneration": fresh["metadata"].get("generation")}
+        if suspend != (status.get("phase") == "Suspended"):  # not already reported by sync
+            phase, reason = ("Suspended", "Suspended") if suspend else ("Pending", "Resumed")
+            message = "runPolicy.suspend set: pods stopped" if suspend else "runPolicy.suspend cleared: resuming"
+            patch.update(status_patch(status, Transition(phase, reason, message), now_iso()))
+            _event(fresh, False, reason, message)
+            memo.metrics.observe_phase(namespace, name, phase)
         memo.kube.patch_dpojob_status(namespace, name, patch)
-        _event(dict(body), False, reason, message)
-        memo.metrics.observe_phase(namespace, name, phase)
 
 
 def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -329,8 +341,10 @@ def on_delete(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Progress and diff-base in annotations, so status holds only what the CRD schema declares.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubedpo.io")
+    # spec.env is left out of the diff-base: a literal value may be a secret, and the annotation
+    # (and kopf's debug log of its patch) would copy it; no handler reacts to env changes.
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubedpo.io", key="last-handled-configuration")
+        prefix="kubedpo.io", key="last-handled-configuration", ignored_fields=["spec.env"])
     # Events are only our kopf.event calls, one per transition: kopf's per-object log lines are
     # not posted (posting.loggers is False by default), which bench/operator_scale.py counts.
     settings.posting.loggers = False
