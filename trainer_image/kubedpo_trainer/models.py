@@ -33,6 +33,7 @@ from torch import nn
 
 from . import storage
 from .config import LossType, TrainerConfig
+from .distributed import meta_model, skips_weight_read
 from .errors import InputError
 from .precision import PrecisionPlan, plan_precision
 
@@ -107,9 +108,12 @@ def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, acceler
 
     path = resolve_model_source(uri, accelerator)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
-        )
+        if skips_weight_read(accelerator):  # FSDP: rank 0's weights arrive by broadcast
+            model = meta_model(path, dtype, cfg.model.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+            )
     except (OSError, ValueError) as err:
         raise InputError(f"model {uri}: cannot load: {err}") from None
     if cfg.training.disable_dropout:

@@ -96,8 +96,11 @@ class Trainer:
         rss_before = dist_cfg.host_rss_bytes()
         self.models = load_models(cfg, self.acc, plan=self.precision, prepare_reference=(
             (lambda m: dist_cfg.shard_reference(self.acc, m)) if self.fsdp else None))
+        # Under FSDP the precompute pass waits until the policy is sharded: LoRA's reference is the
+        # policy itself (adapter off), and ranks but 0 hold it on the meta device until then.
+        late_precompute = t.reference_logps == "precompute" and self.fsdp
         self.reference = (precompute(cfg, self.acc, self.models, self.tokenizer)
-                          if t.reference_logps == "precompute" else Reference(self.models))
+                          if t.reference_logps == "precompute" and not late_precompute else Reference(self.models))
         # FSDP1 flattens the parameters: the optimizer must see the wrapped model's. FSDP2 (and
         # DDP) take model and optimizer together: accelerate swaps in the sharded DTensor params.
         fsdp1 = self.fsdp and not self.acc.is_fsdp2
@@ -123,7 +126,13 @@ class Trainer:
             self.optimizer = self.acc.prepare(self.optimizer)
         else:
             self.models.policy, self.optimizer = self.acc.prepare(self.models.policy, self.optimizer)
+            if self.fsdp:
+                dist_cfg.rebind_optimizer(self.optimizer, self.models.policy)
         self.memory = self._memory_per_rank(rss_before)
+        if late_precompute:
+            self.reference = precompute(cfg, self.acc, self.models, self.tokenizer)
+        if self.fsdp and t.gradient_checkpointing:
+            log.info("activation checkpointing: %d layers", dist_cfg.checkpointed_layers(self.models.policy))
         self.writer = None
         if cfg.checkpoint.uri:
             self.writer = ckpt.CheckpointWriter(
