@@ -34,18 +34,60 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import storage
+from .config import CHECKPOINT_STEP_PREFIX, checkpoint_step_name
 from .errors import InputError, StorageError
+from .model_kinds import is_peft
 
 log = logging.getLogger(__name__)
 
+# --- the layout: every name in a checkpoint, for the writer and the reader alike -------------
+
 COMPLETE = "COMPLETE"
 SHARDED_DIR = "sharded"  # under FSDP: model + optimizer shards as a torch.distributed.checkpoint folder
-_STEP_RE = re.compile(r"step-(\d+)/COMPLETE$")
-_ANY_STEP_RE = re.compile(r"step-(\d+)/")
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+TRAINER_STATE = "trainer_state.json"
+_STEP_RE = re.compile(rf"{re.escape(CHECKPOINT_STEP_PREFIX)}(\d+)/{COMPLETE}$")
+_ANY_STEP_RE = re.compile(rf"{re.escape(CHECKPOINT_STEP_PREFIX)}(\d+)/")
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def data_file(rank: int) -> str:
+    return f"data-rank{rank}.json"
+
+
+def done_marker(rank: int) -> str:
+    return f"rank-{rank}.done"
 
 
 def step_dir(uri: str, step: int) -> str:
-    return storage.join(uri, f"step-{step:06d}")
+    return storage.join(uri, checkpoint_step_name(step))
+
+
+# --- the formats: a writer for the Snapshot and the matching reader --------------------------
+
+
+def torch_file(obj: Any) -> Callable[[Path], None]:
+    return lambda path: torch.save(obj, path)
+
+
+def json_file(obj: Any) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(obj))
+
+    return write
+
+
+def load_torch(path: Path) -> Any:
+    """What `torch_file` wrote: optimizer/scheduler state dicts and RNG states (our own pickles)."""
+    return torch.load(path, weights_only=False)
+
+
+def load_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
 def _steps(uri: str, pattern: re.Pattern[str]) -> list[int]:
@@ -77,12 +119,8 @@ def latest_complete(uri: str | None) -> int | None:
 # --- model weights: the trainable part only ------------------------------------------------
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config")
-
-
 def weights_file(model: torch.nn.Module) -> str:
-    return "adapter_model.safetensors" if _is_peft(model) else "model.safetensors"
+    return "adapter_model.safetensors" if is_peft(model) else "model.safetensors"
 
 
 def trainable_state(model: torch.nn.Module, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -92,7 +130,7 @@ def trainable_state(model: torch.nn.Module, full: dict[str, torch.Tensor] | None
     of `model.state_dict()`, which would hold only this rank's shards.
     Tied weights (embeddings/head) are stored once: safetensors refuses shared storage.
     """
-    if _is_peft(model):
+    if is_peft(model):
         from peft import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(model, state_dict=full)
@@ -115,7 +153,7 @@ def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
     state = load_file(str(path))
-    if _is_peft(model):
+    if is_peft(model):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, state)
@@ -200,7 +238,7 @@ class CheckpointWriter:
         """Write `snap` locally, start its upload; returns seconds the caller was blocked."""
         t0 = time.perf_counter()
         self.wait()
-        local = self.staging / f"step-{snap.step:06d}"
+        local = self.staging / checkpoint_step_name(snap.step)
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)
         for name, write in snap.files.items():
@@ -232,7 +270,7 @@ class CheckpointWriter:
     def _upload(self, step: int, local: Path) -> None:
         dest = step_dir(self.uri, step)
         storage.upload_dir(local, dest)
-        storage.write_bytes(storage.join(dest, f"rank-{self.rank}.done"), b"")
+        storage.write_bytes(storage.join(dest, done_marker(self.rank)), b"")
         if self.rank == 0:
             self._await_ranks(dest)
             storage.write_bytes(storage.join(dest, COMPLETE), json.dumps({"step": step}).encode())
@@ -245,7 +283,7 @@ class CheckpointWriter:
     def _await_ranks(self, dest: str) -> None:
         deadline = time.monotonic() + self.marker_timeout_s
         for r in range(1, self.world_size):
-            marker = storage.join(dest, f"rank-{r}.done")
+            marker = storage.join(dest, done_marker(r))
             while not storage.exists(marker):
                 if time.monotonic() > deadline:
                     raise StorageError(f"{dest}: rank {r} never finished uploading its part")
