@@ -231,20 +231,33 @@ def test_sigterm_checkpoints_exits_75_and_restart_continues(s3, s3_task, tmp_pat
     assert min(again.rows_by_step()) == stopped + 1 and max(again.rows_by_step()) == 30
 
 
-def test_cut_off_checkpoint_is_never_resumed(s3, s3_task, tmp_path: Path) -> None:
+def test_cut_off_or_damaged_checkpoint_is_never_resumed(s3, s3_task, tmp_path: Path) -> None:
+    """Issue 4 (cut off: no COMPLETE) and issue 10 (damaged after COMPLETE): the restart skips
+    both, with a warning naming each, and resumes from the newest checkpoint that verifies."""
     env = s3.env()
     cfg = _cfg(s3_task, s3, "cut", maxSteps=20)
     cfg["checkpoint"]["everySteps"] = 5
     cfg["checkpoint"]["keepLast"] = 5
     assert Launch(cfg, tmp_path / "a", env).wait() == 0
+    client, prefix = s3.client(), "runs/cut/ckpt/"
     # Simulate a pod killed while uploading step 20: every file there but the marker.
-    s3.client().delete_object(Bucket=s3.bucket, Key="runs/cut/ckpt/step-000020/COMPLETE")
-    s3.client().delete_object(Bucket=s3.bucket, Key="runs/cut/final/kubedpo_summary.json")
+    client.delete_object(Bucket=s3.bucket, Key=prefix + "step-000020/COMPLETE")
+    client.delete_object(Bucket=s3.bucket, Key="runs/cut/final/kubedpo_summary.json")
+    # Step 15: bytes flipped inside the tensor data (same size; resumed silently before manifests).
+    key = prefix + "step-000015/model.safetensors"
+    data = bytearray(client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+    data[-100:-96] = bytes(b ^ 0xFF for b in data[-100:-96])
+    client.put_object(Bucket=s3.bucket, Key=key, Body=bytes(data))
+    # Step 10: optimizer.pt deleted (failed every restart with a wrong message about FSDP before).
+    client.delete_object(Bucket=s3.bucket, Key=prefix + "step-000010/optimizer.pt")
     cfg["training"]["maxSteps"] = 22
     again = Launch(cfg, tmp_path / "b", env)
     assert again.wait() == 0, again.stderr()
-    assert "step-000015 (step 15)" in again.full_log()
-    assert min(again.rows_by_step()) == 16
+    log = again.full_log()
+    assert "step-000005 (step 5)" in log
+    assert "step-000015 fails verification, skipped: model.safetensors: SHA-256 differs" in log
+    assert "step-000010 fails verification, skipped: optimizer.pt: missing" in log
+    assert min(again.rows_by_step()) == 6
 
 
 def test_s3_faults_during_reads_and_checkpoint_uploads(s3, s3_task, fault_proxy, tmp_path: Path) -> None:

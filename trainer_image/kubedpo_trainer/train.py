@@ -150,28 +150,28 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        step = ckpt.latest_complete(self.cfg.checkpoint.uri)
-        if step is None:
+        found = ckpt.newest_verified(self.cfg.checkpoint.uri, self._scratch("kubedpo-resume-"))
+        if found is None:
             return
-        uri = ckpt.step_dir(self.cfg.checkpoint.uri, step)
-        local = storage.download_dir(uri, self._scratch("kubedpo-resume-") / "step")  # lock file stays inside
+        uri, local, step = found.uri, found.local, found.step
         state = json.loads((local / "trainer_state.json").read_text())
         # Another world size is fine for the model (DDP: replicated; FSDP: DCP reshards on load); the
         # data stream refuses it unless the global batch is unchanged.
         old_world = state["world_size"]
         model = self.acc.unwrap_model(self.models.policy)
         if self.fsdp:  # each rank reads the pieces of its own shards, whoever wrote them
-            if not (local / ckpt.SHARDED_DIR).is_dir():
+            if not found.has(ckpt.SHARDED_DIR):
                 raise InputError(f"{uri}: no {ckpt.SHARDED_DIR}/: written without FSDP, resume it without FSDP")
             load_sharded(self.models.policy, self.optimizer, local / ckpt.SHARDED_DIR)
         else:
-            if not (local / "optimizer.pt").exists():
-                raise InputError(f"{uri}: no optimizer.pt: written under FSDP, resume it under FSDP")
+            if found.has(ckpt.SHARDED_DIR):
+                raise InputError(f"{uri}: {ckpt.SHARDED_DIR}/ but no optimizer.pt: written under FSDP, "
+                                 "resume it under FSDP")
             ckpt.load_trainable_state(model, local / ckpt.weights_file(model))
-            self.optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
+            self.optimizer.load_state_dict(ckpt.load_torch(local / "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.load_torch(local / "scheduler.pt"))
         if (local / f"rng-rank{self.rank}.pt").exists():  # a rank new to this world size has none
-            ckpt.set_rng_state(torch.load(local / f"rng-rank{self.rank}.pt", weights_only=False))
+            ckpt.set_rng_state(ckpt.load_torch(local / f"rng-rank{self.rank}.pt"))
         # Every old rank's data state: with another world size, counters move to rank 0.
         self.train_stream.load_state_dict(
             [json.loads((local / f"data-rank{r}.json").read_text()) for r in range(old_world)])
