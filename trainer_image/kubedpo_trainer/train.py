@@ -52,9 +52,10 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainerConfig) -> None:
+    def __init__(self, cfg: TrainerConfig, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
-        self.stop = StopRequest()
+        # Usually installed by the CLI before torch is imported: a SIGTERM during start-up exits 75.
+        self.stop = stop or StopRequest(cfg.checkpoint.preemption_grace_seconds)
         self.step = 0
         self.skipped_steps = 0  # groups of padding rows only: no optimizer step, no training log
         self.tokens_total = 0.0
@@ -305,6 +306,7 @@ class Trainer:
         return path
 
     def run(self) -> dict[str, Any]:
+        self.stop.install()
         try:
             return self._run()
         finally:
@@ -313,7 +315,7 @@ class Trainer:
 
     def _run(self) -> dict[str, Any]:
         self.setup()
-        self.stop.install()
+        self.stop.training_started()
         self.last_checkpoint_time = time.monotonic()
         t, c = self.cfg.training, self.cfg.checkpoint
         eval_start = self.evaluate() if (self.step == 0 and t.eval_on_start) else {}
