@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install lint crd dashboard tools test demo bench clean lock
+.PHONY: install lint crd dashboard tools test test-fast demo bench clean lock
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)
 
-# Undefined names, unused imports, import order; the generated CRD must equal the generator's output.
+# Undefined names, unused imports, import order; types (mypy, [tool.mypy]); import layers
+# (lint-imports, [tool.importlinter]); the generated CRD must equal the generator's output.
 lint: install
 	$(VENV)/bin/ruff check trainer_image operator tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 	@if [ -f crds/kubedpo.io_dpojobs.yaml ]; then \
 	  $(VENV)/bin/kubedpo crd | diff -u crds/kubedpo.io_dpojobs.yaml - \
 	  || { echo "crds/kubedpo.io_dpojobs.yaml is stale: run 'make crd' (never edit it by hand)"; exit 1; }; fi
@@ -50,6 +53,12 @@ tools:
 
 test: lint tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: everything that needs no external part and no extra process (markers in
+# pyproject.toml; s3/kube/helm/prometheus are applied by the fixtures that start them).
+FAST_MARKERS ?= not (slow or s3 or kube or helm or prometheus or multiproc)
+test-fast: install
+	$(PY) -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 # On a terminal: a live progress display; piped: the pods' JSON lines. DEMO_ARGS="--dir /tmp/d" to move it.
 demo: install

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/fsdp_loading.py                      # ~170M-parameter Llama, 2 ranks, CPU/gloo
     .venv/bin/python bench/fsdp_loading.py --hidden 2048 --layers 8
+    MALLOC_MMAP_THRESHOLD_=65536 .venv/bin/python bench/fsdp_loading.py   # freed tensors leave RSS
 
 Runs the real trainer (full fine-tune, live reference: two models to load) on 2 ranks through
 the forced-FSDP launcher (tests/support/fsdp_launcher.py; accelerate grants FSDP on GPUs only)
@@ -70,13 +71,16 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--runs", nargs="+", default=["ddp", "fsdp-read-all", "fsdp-efficient"],
+                   choices=["ddp", "fsdp-read-all", "fsdp-efficient"])
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="kubedpo-fsdp-loading-"))
     model = build(root, args.hidden, args.layers, args.vocab)
     mib = 2**20
     print("| run | rank | params held (MiB) | RSS growth after load (MiB) | peak RSS growth (MiB) | peak / full model |")
     print("|---|---|---|---|---|---|")
-    for strategy, efficient in (("ddp", False), ("fsdp", False), ("fsdp", True)):
+    runs = {"ddp": ("ddp", False), "fsdp-read-all": ("fsdp", False), "fsdp-efficient": ("fsdp", True)}
+    for strategy, efficient in (runs[r] for r in args.runs):
         m = run(root, model, strategy, efficient)
         full = m["policy_full_bytes"]
         name = strategy if strategy == "ddp" else f"fsdp, memoryEfficientLoading {str(efficient).lower()}"

@@ -115,15 +115,10 @@ def _changed_fraction(model: Any, initial_dir: str) -> float:
 
 
 def _training_section(a: dict[str, Any], reference: str, strategy: str) -> dict[str, Any]:
-    from kubedpo_trainer.config import TrainingConfig
-
     t: dict[str, Any] = {"loss": "sigmoid", "beta": BETA, "batchSize": a["batch"], "maxSteps": a["steps"],
                          "learningRate": LR, "lrScheduler": "constant", "warmupRatio": 0.0, "loggingSteps": 1,
-                         "seed": SEED, "referenceLogps": reference, "distributed": {"strategy": strategy}}
-    if "precision" in TrainingConfig.model_fields:
-        t["precision"] = "bf16-mixed"
-    else:  # before training.precision existed: fp32 weights (model.dtype) + bf16 autocast
-        t["mixedPrecision"] = "bf16"
+                         "seed": SEED, "referenceLogps": reference, "distributed": {"strategy": strategy},
+                         "precision": "bf16-mixed"}
     return t
 
 
@@ -135,7 +130,7 @@ def worker_kubedpo(a: dict[str, Any]) -> dict[str, Any]:
     from kubedpo_trainer import train as ktrain
 
     root = Path(a["root"])
-    cfg = {"model": {"uri": a["model"], "dtype": "float32"},
+    cfg = {"model": {"uri": a["model"]},
            "data": {"train": a["train"], "format": "standard", "maxLength": a["max_length"],
                     "maxPromptLength": a["max_length"], "shuffleBuffer": 1, "seed": SEED},
            "training": _training_section(a, a["reference"], a["strategy"]),

@@ -26,7 +26,9 @@ tokenization and precompute are inside it; Python imports and model loading are 
 memory = the process's peak RSS over that span (Linux `clear_refs` resets the high-water mark
 when it starts; GPU: CUDA max allocated). samples/s = pairs trained / end-to-end seconds;
 tokens/s counts prompt+chosen and prompt+rejected tokens of those pairs (the same rows on both
-sides, so the two ratios differ only by rounding). Losses are read unrounded on both sides
+sides, so the two ratios differ only by rounding). On a shared CPU box wall time swings with
+other work, so CPU seconds of each process over the same span are reported too
+(`samples_per_cpu_s_ratio`: with one thread per side, the work each side did). Losses are read unrounded on both sides
 (kubedpo: the value `train_step` returns; TRL: `compute_loss`), and the largest per-step
 difference is printed: the proof that the two compute the same thing.
 
@@ -181,7 +183,7 @@ def worker_kubedpo(a: dict[str, Any]) -> dict[str, Any]:
     def loaded(*args: Any, **kw: Any) -> Any:
         models = load(*args, **kw)
         mem.reset()
-        clock["start"] = time.perf_counter()
+        clock["start"], clock["cpu_start"] = time.perf_counter(), time.process_time()
         return models
 
     def probed(self: Any, batches: list[dict[str, Any]]) -> dict[str, float]:
@@ -190,7 +192,7 @@ def worker_kubedpo(a: dict[str, Any]) -> dict[str, Any]:
             import torch
 
             torch.cuda.synchronize()
-        clock["end"], clock["tokens"] = time.perf_counter(), self.tokens_total
+        clock["end"], clock["cpu_end"], clock["tokens"] = time.perf_counter(), time.process_time(), self.tokens_total
         losses.append(values["loss"])
         if len(losses) == a["steps"]:
             clock["memory"] = mem.result()
@@ -202,7 +204,8 @@ def worker_kubedpo(a: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"kubedpo-trainer exited {code}")
     s = json.loads((root / "out" / "kubedpo_summary.json").read_text())
     truncated = s["data"]["truncated_prompts"] + s["data"]["truncated_responses"]
-    return {"seconds": clock["end"] - clock["start"], "losses": losses, "truncated": truncated,
+    return {"seconds": clock["end"] - clock["start"], "cpu_seconds": clock["cpu_end"] - clock["cpu_start"],
+            "losses": losses, "truncated": truncated,
             "tokens": clock["tokens"], **clock["memory"]}
 
 
@@ -238,16 +241,16 @@ def worker_trl(a: dict[str, Any]) -> dict[str, Any]:
     )
     mem = Memory()
     mem.reset()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer = Recording(model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok)
     trainer.train()
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     memory = mem.result()
     lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
                for r in trainer.train_dataset]
-    return {"seconds": seconds, "losses": losses, "truncated": sum(n > a["max_length"] for n in lengths),
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "losses": losses, "truncated": sum(n > a["max_length"] for n in lengths),
             "prompt_tokens": sum(len(r["prompt_ids"]) for r in trainer.train_dataset) / len(lengths), **memory}
 
 
@@ -292,6 +295,7 @@ def compare(variant: str, mode: str, args: argparse.Namespace, root: Path, model
     pairs = steps * args.batch
     tokens = ours[0]["tokens"]
     k_sec, t_sec = [r["seconds"] for r in ours], [r["seconds"] for r in theirs]
+    k_cpu, t_cpu = [r["cpu_seconds"] for r in ours], [r["cpu_seconds"] for r in theirs]
     k_mem, t_mem = [r["peak_bytes"] for r in ours], [r["peak_bytes"] for r in theirs]
     diff = max(abs(x - y) for r, q in zip(ours, theirs, strict=True)
                for x, y in zip(r["losses"], q["losses"], strict=True))
@@ -303,12 +307,15 @@ def compare(variant: str, mode: str, args: argparse.Namespace, root: Path, model
         "samples_per_s_ratio": round(med(t_sec) / med(k_sec), 3),
         "samples_per_s_ratio_best": round(min(t_sec) / min(k_sec), 3),
         "tokens_per_s_ratio": round((tokens / med(k_sec)) / (tokens / med(t_sec)), 3),
+        "samples_per_cpu_s_ratio": round(med(t_cpu) / med(k_cpu), 3),
+        "samples_per_cpu_s_ratio_best": round(min(t_cpu) / min(k_cpu), 3),
         "peak_memory_ratio": round(med(k_mem) / med(t_mem), 3),
         "train_extra_memory_ratio": round(med([r["train_extra_bytes"] for r in ours])
                                           / med([r["train_extra_bytes"] for r in theirs]), 3),
         "kubedpo_samples_per_s": {k: round(pairs / v, 2) for k, v in _stats(k_sec).items()},
         "trl_samples_per_s": {k: round(pairs / v, 2) for k, v in _stats(t_sec).items()},
         "kubedpo_seconds": _stats(k_sec), "trl_seconds": _stats(t_sec),
+        "kubedpo_cpu_seconds": _stats(k_cpu), "trl_cpu_seconds": _stats(t_cpu),
         "kubedpo_peak_mib": round(med(k_mem) / 2**20, 1), "trl_peak_mib": round(med(t_mem) / 2**20, 1),
         "max_loss_diff": diff, "final_loss": ours[0]["losses"][-1],
     }

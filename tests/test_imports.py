@@ -43,3 +43,25 @@ def test_operator_does_not_import_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _layered(container: str, layers: list[str]) -> set[str]:
+    return {f"{container}.{m.strip()}" for layer in layers for m in layer.replace(":", "|").split("|")}
+
+
+def test_every_module_sits_in_an_import_layer() -> None:
+    """A new module must be placed in [tool.importlinter]'s layers (pyproject.toml): one left out is
+    free to import anything, and the layering contract would silently stop covering it."""
+    import tomllib
+    from pathlib import Path
+
+    cfg = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layered: set[str] = set()
+    for contract in cfg["contracts"]:
+        if contract["type"] == "layers":
+            for container in contract["containers"]:
+                layered |= _layered(container, contract["layers"])
+    containers = {c for contract in cfg["contracts"] if contract["type"] == "layers" for c in contract["containers"]}
+    direct = [n for n in ALL if "." in n and n.rsplit(".", 1)[0] in containers]
+    missing = sorted(n for n in direct if n not in layered)
+    assert not missing, f"add these modules to a layer in pyproject.toml [tool.importlinter]: {missing}"

@@ -49,7 +49,8 @@ def plan_attempt(name: str, namespace: str, uid: str, spec: DPOJobSpec, attempt:
 def check_manifest(doc: dict[str, Any], settings: OperatorSettings | None = None) -> DPOJobSpec:
     """What the operator would do with this DPOJob, short of the API calls (for `kubedpo validate`)."""
     settings = settings or OperatorSettings()
-    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    raw_meta = doc.get("metadata")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     spec = admit(meta.get("name"), doc.get("spec"), settings)
     plan_attempt(meta["name"], meta.get("namespace") or "default", "validate", spec, 0, settings,
                  spec.run_policy.active_deadline_seconds)

@@ -11,7 +11,7 @@ children the API server accepts.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -32,7 +32,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # Fields of DPOJobSpec that are the trainer's config; the rest are cluster fields.
 TRAINER_SECTIONS = tuple(TrainerConfig.model_fields)
 
-PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+PHASES: tuple[Phase, ...] = get_args(Phase)
 FINISHED_PHASES = ("Succeeded", "Failed")
 MAX_NAME = 52  # 63 (DNS label) - len("-<attempt up to 3 digits>-<index up to 5>")
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
@@ -203,7 +204,7 @@ class CheckpointRef(Schema):
 
 
 class DPOJobStatus(Schema):
-    phase: Literal[PHASES] | None = Field(None, description="Pending, Running, Restarting, Suspended, "
+    phase: Phase | None = Field(None, description="Pending, Running, Restarting, Suspended, "
                                            "Succeeded or Failed.")
     conditions: list[Condition] | None = Field(None, description="Kubernetes-style conditions.")
     attempt: int | None = Field(None, description="Index of the current gang attempt (0-based).")

@@ -50,7 +50,7 @@ def _pod(tpl: dict[str, Any], where: str) -> list[Problem]:
     out += rules.annotations(meta.get("annotations") or {}, f"{where}.metadata.annotations")
     w = f"{where}.spec"
     out += rules.volumes(pod.get("volumes") or [], f"{w}.volumes")
-    names = {v.get("name") for v in pod.get("volumes") or [] if isinstance(v, dict)}
+    names = {v["name"] for v in pod.get("volumes") or [] if isinstance(v, dict) and isinstance(v.get("name"), str)}
     for i, c in enumerate(pod.get("containers") or []):
         out += _container(c, f"{w}.containers[{i}]", names)
     out += rules.tolerations(pod.get("tolerations") or [], f"{w}.tolerations")
@@ -83,7 +83,8 @@ def _job(obj: dict[str, Any]) -> list[Problem]:
     return out + _pod(spec.get("template") or {}, "spec.template")
 
 
-_SEMANTIC = {"ConfigMap": lambda o: _meta(o, rules.dns1123_subdomain), "Service": _service, "Job": _job}
+_SEMANTIC = {"ConfigMap": lambda o: _meta(o, rules.dns1123_subdomain), "Service": _service, "Job": _job,
+             "NetworkPolicy": lambda o: _meta(o, rules.dns1123_subdomain)}
 
 
 def child_problems(obj: dict[str, Any], versions: tuple[str, ...] | None = None) -> list[Problem]:

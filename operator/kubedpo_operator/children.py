@@ -270,8 +270,12 @@ def build_job(name: str, namespace: str, uid: str, spec: DPOJobSpec, attempt: in
 def build_children(name: str, namespace: str, uid: str, spec: DPOJobSpec, attempt: int,
                    settings: OperatorSettings, active_deadline_seconds: int | None = None) -> list[dict]:
     """In creation order: the Job last, so its pods never start before config and DNS exist."""
+    from .netpol import build_network_policy  # netpol builds on this module's labels
+
+    policy = [build_network_policy(name, namespace, uid, spec, attempt, settings)] if settings.network_policy else []
     return [
         build_config_map(name, namespace, uid, spec, attempt),
         build_service(name, namespace, uid, spec, attempt, settings),
+        *policy,  # before the Job: no pod of the gang starts unprotected
         build_job(name, namespace, uid, spec, attempt, settings, active_deadline_seconds),
     ]

@@ -14,6 +14,7 @@ import logging
 import random
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
@@ -45,7 +46,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for i, doc in enumerate(docs):
             if not isinstance(doc, dict) or doc.get("kind") != KIND:
                 continue
-            meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+            raw_meta = doc.get("metadata")
+            meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
             name = meta.get("name", f"<document {i}>")
             try:
                 spec = check_manifest(doc, settings)

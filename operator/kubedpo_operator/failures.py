@@ -9,7 +9,7 @@ written once (the DPOJob is then finished), a retry only when its reason changes
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -55,7 +55,7 @@ def record_failure(memo: kopf.Memo, dpo: dict[str, Any], err: BaseException) -> 
         patch["conditions"] = [c for c in patch["conditions"] if c.get("type") != RETRYING]
         patch["observedGeneration"] = meta.get("generation")
         memo.kube.patch_dpojob_status(key[0], key[1], patch)
-        kopf.event(dpo, type="Warning", reason=reason, message=text[:1000])
+        kopf.event(kopf.Body(cast(kopf.RawBody, dpo)), type="Warning", reason=reason, message=text[:1000])
         memo.metrics.observe_phase(key[0], key[1], "Failed")
         return outcome
     _retries(memo)[key] = (count + 1, time.monotonic() + outcome.delay, outcome.reason)
@@ -65,7 +65,7 @@ def record_failure(memo: kopf.Memo, dpo: dict[str, Any], err: BaseException) -> 
                                    message[:1000], now, meta.get("generation"))
         memo.kube.patch_dpojob_status(key[0], key[1], {"conditions": conditions})
         if count == 0:
-            kopf.event(dpo, type="Warning", reason="Retrying", message=message[:1000])
+            kopf.event(kopf.Body(cast(kopf.RawBody, dpo)), type="Warning", reason="Retrying", message=message[:1000])
     return outcome
 
 

@@ -13,8 +13,9 @@ import asyncio
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -47,8 +48,14 @@ from .status import (
     ttl_expired,
 )
 
-DPO = {"group": GROUP, "version": VERSION, "plural": PLURAL}
 log = logging.getLogger("kubedpo_operator")
+
+
+def namespaced(namespace: str | None) -> str:
+    """DPOJobs are namespaced: kopf passes None only for cluster-scoped objects."""
+    if namespace is None:
+        raise kopf.PermanentError("a DPOJob without a namespace (the CRD is namespaced)")
+    return namespace
 
 
 def make_memo(kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics | None = None) -> kopf.Memo:
@@ -58,7 +65,8 @@ def make_memo(kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics |
 
 
 def _event(obj: dict[str, Any], warning: bool, reason: str, message: str) -> None:
-    kopf.event(obj, type="Warning" if warning else "Normal", reason=reason, message=message[:1000])
+    body = kopf.Body(cast(kopf.RawBody, obj))  # a DPOJob as read from the API (or kopf's body as a dict)
+    kopf.event(body, type="Warning" if warning else "Normal", reason=reason, message=message[:1000])
 
 
 def ensure_attempt(memo: kopf.Memo, namespace: str, name: str, uid: str, spec: DPOJobSpec,
@@ -107,6 +115,8 @@ def delete_attempt(memo: kopf.Memo, namespace: str, name: str, attempt: int) -> 
     """The Job goes last: while it exists, `sync` sees the attempt and retries the whole delete."""
     memo.kube.delete("Service", namespace, job_name(name, attempt))
     memo.kube.delete("ConfigMap", namespace, config_map_name(name, attempt))
+    if memo.settings.network_policy:
+        memo.kube.delete("NetworkPolicy", namespace, job_name(name, attempt))
     memo.kube.delete("Job", namespace, job_name(name, attempt))
 
 
@@ -121,7 +131,7 @@ def _try_delete(memo: kopf.Memo, namespace: str, name: str, attempt: int) -> boo
         return False
 
 
-def _why_pending(memo: kopf.Memo, namespace: str, job: dict[str, Any]) -> JobState | None:
+def _why_pending(memo: kopf.Memo, namespace: str, job: Mapping[str, Any]) -> JobState | None:
     """The pods' and the Job's own account of why the gang is not running (gang.py)."""
     name = job["metadata"]["name"]
     pods = [p for p in memo.kube.list_pods(namespace, f"{JOB_NAME_LABEL}={name}")
@@ -205,13 +215,14 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
             ensure_or_record(memo, memo.kube.get_dpojob(namespace, name) or dpo, spec, attempt + 1)
 
 
-def reconcile(body: kopf.Body, name: str, namespace: str, uid: str, meta: kopf.Meta, memo: kopf.Memo,
-              **_: Any) -> None:
+def reconcile(*, body: kopf.Body, name: str, namespace: str | None, uid: str, meta: kopf.Meta,
+              memo: kopf.Memo, **_: Any) -> None:
     """on.create and on.resume: validate, write the initial status, ensure the children.
 
     The status is re-read from the API under the lock: kopf's body may predate a restart the
     Job watch already performed, and acting on it would recreate the previous attempt.
     """
+    namespace = namespaced(namespace)
     with memo.metrics.timed("reconcile"):
         try:
             spec = admit(name, body.get("spec"), memo.settings)
@@ -266,30 +277,41 @@ def _first_status(memo: kopf.Memo, namespace: str, name: str, uid: str, generati
     return rediscovered_status(name, generation, now_iso(), max(jobs), first)
 
 
-def on_suspend(body: kopf.Body, old: Any, new: Any, name: str, namespace: str, meta: kopf.Meta,
+def on_suspend(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str | None, meta: kopf.Meta,
                memo: kopf.Memo, **_: Any) -> None:
-    """runPolicy.suspend ↔ the Job's spec.suspend (with Kueue, resuming is Kueue's admission)."""
-    status = dict(body.get("status") or {})
-    if bool(old) == bool(new) or not status.get("phase") or status.get("phase") in FINISHED_PHASES:
-        return
-    try:
-        spec = parse_spec(dict(body.get("spec") or {}))
-    except SpecError:
+    """runPolicy.suspend ↔ the Job's spec.suspend (with Kueue, resuming is Kueue's admission).
+
+    Acts on a fresh read under the lock: kopf's body may predate a gang restart (its attempt's
+    Job already gone) or a transition the sync already made (never written back over). The
+    level-triggered sync converges the Job too; this handler only makes it immediate.
+    """
+    namespace = namespaced(namespace)
+    if bool(old) == bool(new):
         return
     with memo.locks[(namespace, name)]:
+        fresh = memo.kube.get_dpojob(namespace, name)
+        status = dict((fresh or {}).get("status") or {})
+        if fresh is None or not status.get("phase") or status.get("phase") in FINISHED_PHASES:
+            return
+        try:
+            spec = parse_spec(dict(fresh.get("spec") or {}))
+        except SpecError:
+            return
+        suspend = bool(spec.run_policy.suspend)
         attempt = int(status.get("attempt") or 0)
-        keep_suspended = bool(new) or bool(spec.run_policy.queue_name)
+        keep_suspended = suspend or bool(spec.run_policy.queue_name)
         memo.kube.patch_job(namespace, job_name(name, attempt), {"spec": {"suspend": keep_suspended}})
-        phase, reason = ("Suspended", "Suspended") if new else ("Pending", "Resumed")
-        message = "runPolicy.suspend set: pods stopped" if new else "runPolicy.suspend cleared: resuming"
-        patch = status_patch(status, Transition(phase, reason, message), now_iso())
-        patch["observedGeneration"] = meta.get("generation")
+        patch: dict[str, Any] = {"observedGeneration": fresh["metadata"].get("generation")}
+        if suspend != (status.get("phase") == "Suspended"):  # not already reported by sync
+            phase, reason = ("Suspended", "Suspended") if suspend else ("Pending", "Resumed")
+            message = "runPolicy.suspend set: pods stopped" if suspend else "runPolicy.suspend cleared: resuming"
+            patch.update(status_patch(status, Transition(phase, reason, message), now_iso()))
+            _event(fresh, False, reason, message)
+            memo.metrics.observe_phase(namespace, name, phase)
         memo.kube.patch_dpojob_status(namespace, name, patch)
-        _event(dict(body), False, reason, message)
-        memo.metrics.observe_phase(namespace, name, phase)
 
 
-def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def on_job_event(*, type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Any change of one of our Jobs: sync its DPOJob. A deletion of the current attempt's Job
     that kubedpo did not make (its restarts move to the next attempt first) fails that attempt."""
     labels = body.get("metadata", {}).get("labels") or {}
@@ -300,8 +322,9 @@ def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
              job_deleted=type == "DELETED")
 
 
-async def on_tick(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def on_tick(*, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     """Periodic: TTL deletion, a level-triggered resync, and status.progress from rank 0."""
+    namespace = namespaced(namespace)
     status = dict(body.get("status") or {})
     spec_raw = dict(body.get("spec") or {})
     try:
@@ -322,15 +345,17 @@ async def on_tick(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, *
                             spec.checkpoint.uri)
 
 
-def on_delete(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.metrics.observe_phase(namespace, name, None)
+def on_delete(*, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    memo.metrics.observe_phase(namespaced(namespace), name, None)
 
 
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(*, settings: kopf.OperatorSettings, **_: Any) -> None:
     # Progress and diff-base in annotations, so status holds only what the CRD schema declares.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubedpo.io")
+    # spec.env is left out of the diff-base: a literal value may be a secret, and the annotation
+    # (and kopf's debug log of its patch) would copy it; no handler reacts to env changes.
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubedpo.io", key="last-handled-configuration")
+        prefix="kubedpo.io", key="last-handled-configuration", ignored_fields=["spec.env"])
     # Events are only our kopf.event calls, one per transition: kopf's per-object log lines are
     # not posted (posting.loggers is False by default), which bench/operator_scale.py counts.
     settings.posting.loggers = False
@@ -347,14 +372,16 @@ def build_registry(settings: OperatorSettings, login: bool = True) -> kopf.Opera
     if login:
         kopf.on.login(registry=r)(kopf.login_via_client)
     backoff = settings.handler_backoff_s
-    kopf.on.create(**DPO, registry=r, id="reconcile", backoff=backoff)(reconcile)
-    kopf.on.resume(**DPO, registry=r, id="adopt", backoff=backoff)(reconcile)
-    kopf.on.field(**DPO, field="spec.runPolicy.suspend", registry=r, id="suspend", backoff=backoff)(on_suspend)
+    kopf.on.create(GROUP, VERSION, PLURAL, registry=r, id="reconcile", backoff=backoff)(reconcile)
+    kopf.on.resume(GROUP, VERSION, PLURAL, registry=r, id="adopt", backoff=backoff)(reconcile)
+    kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend", registry=r, id="suspend",
+                  backoff=backoff)(on_suspend)
     from .rescale import on_workers  # imports this module's helpers: registered here, not at import
 
-    kopf.on.field(**DPO, field="spec.workers", registry=r, id="workers", backoff=backoff)(on_workers)
-    kopf.on.delete(**DPO, registry=r, optional=True, id="forget")(on_delete)
+    kopf.on.field(GROUP, VERSION, PLURAL, field="spec.workers", registry=r, id="workers", backoff=backoff)(on_workers)
+    kopf.on.delete(GROUP, VERSION, PLURAL, registry=r, optional=True, id="forget")(on_delete)
     kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY},
                   registry=r, id="job")(on_job_event)
-    kopf.timer(**DPO, interval=settings.progress_interval_s, registry=r, id="tick", backoff=backoff)(on_tick)
+    kopf.timer(GROUP, VERSION, PLURAL, interval=settings.progress_interval_s, registry=r, id="tick",
+               backoff=backoff)(on_tick)
     return r

@@ -31,7 +31,7 @@ DPOJob may say is understood by every supported cluster."""
 DEFS_ID = "https://kubernetes.io/api/_definitions.json"
 CORE = "io.k8s.api.core.v1."
 KINDS = {"ConfigMap": CORE + "ConfigMap", "Service": CORE + "Service", "Job": "io.k8s.api.batch.v1.Job",
-         "Pod": CORE + "Pod"}
+         "Pod": CORE + "Pod", "NetworkPolicy": "io.k8s.api.networking.v1.NetworkPolicy"}
 QUANTITY = "io.k8s.apimachinery.pkg.api.resource.Quantity"
 INT_OR_STRING = "io.k8s.apimachinery.pkg.util.intstr.IntOrString"
 # controller-gen's pattern for resource.Quantity (what CRDs of other operators embed).

@@ -8,8 +8,6 @@ Rules follow Kubernetes 1.28 (the oldest supported release), which is the strict
 changed later (e.g. env names, relaxed in 1.34).
 """
 
-from __future__ import annotations
-
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -27,7 +25,7 @@ ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")  # 1.28's rule (relaxed i
 CAPABILITY = re.compile(r"^[A-Z][A-Z0-9_]*$")
 IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _QUANTITY = re.compile(QUANTITY_PATTERN)
-_SUFFIX = {"": 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": 10**3, "M": 10**6,
+_SUFFIX: dict[str, int | Decimal] = {"": 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": 10**3, "M": 10**6,
            "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
            "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 MAX_ANNOTATIONS = 256 * 1024

@@ -8,6 +8,7 @@ builders produce and the tests assert.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import kubernetes
@@ -36,6 +37,7 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.batch = kubernetes.client.BatchV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.net = kubernetes.client.NetworkingV1Api(api_client)
 
     def get_dpojob(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -57,7 +59,8 @@ class Kube:
     def _reader(self, kind: str) -> Any:
         return {"ConfigMap": self.core.read_namespaced_config_map,
                 "Service": self.core.read_namespaced_service,
-                "Job": self.batch.read_namespaced_job}[kind]
+                "Job": self.batch.read_namespaced_job,
+                "NetworkPolicy": self.net.read_namespaced_network_policy}[kind]
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -88,9 +91,11 @@ class Kube:
     def create(self, obj: dict[str, Any]) -> bool:
         """Create unless it exists (409 → False): a second operator racing us is not an error."""
         ns = obj["metadata"]["namespace"]
-        creator = {"ConfigMap": self.core.create_namespaced_config_map,
-                   "Service": self.core.create_namespaced_service,
-                   "Job": self.batch.create_namespaced_job}[obj["kind"]]
+        creators: dict[str, Callable[..., Any]] = {"ConfigMap": self.core.create_namespaced_config_map,
+                                                   "Service": self.core.create_namespaced_service,
+                                                   "Job": self.batch.create_namespaced_job,
+                                                   "NetworkPolicy": self.net.create_namespaced_network_policy}
+        creator = creators[obj["kind"]]
         try:
             creator(ns, obj, _preload_content=False)
             return True
@@ -102,7 +107,8 @@ class Kube:
     def delete(self, kind: str, namespace: str, name: str) -> None:
         deleter = {"ConfigMap": self.core.delete_namespaced_config_map,
                    "Service": self.core.delete_namespaced_service,
-                   "Job": self.batch.delete_namespaced_job}[kind]
+                   "Job": self.batch.delete_namespaced_job,
+                   "NetworkPolicy": self.net.delete_namespaced_network_policy}[kind]
         # Background propagation: the Job's pods go too (orphaning them would keep GPUs busy).
         self._ignore_404(deleter, name, namespace, propagation_policy="Background")
 

@@ -21,9 +21,8 @@ from typing import IO
 
 import yaml
 
-from kubedpo_trainer.console import LOG_FORMAT_ENV, resolve_log_format
-from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED
-from kubedpo_trainer.launch import combine_exit_codes
+from kubedpo_trainer.config import LOG_FORMAT_ENV, resolve_log_format
+from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, combine_exit_codes
 
 from .api import KIND, DPOJobSpec, SpecError, check_name, parse_spec
 from .children import trainer_args, trainer_env

@@ -8,7 +8,8 @@ failure: an estimate can be wrong). Components, per device, in bytes:
                caches during forward/backward (DDP bf16-mixed) or the layers FSDP2 gathers
   gradients    one per trainable parameter, in the storage dtype; DDP adds its reduction buckets
   optimizer    AdamW's two moments per trainable parameter, fp32 (bf16 under pure bf16)
-  reference    a full-fine-tune live reference (frozen, compute dtype); 0 with LoRA (the base with
+  reference    a full-fine-tune live reference (frozen, model.dtype: auto = the masters' dtype);
+               0 with LoRA (the base with
                the adapter off), with simpo, and after a precompute pass
   activations  what autograd keeps for backward over 2 x batchSize sequences of maxLength tokens:
                per layer and token about 10h + 3kv + 4I values (Llama-style attention + SwiGLU;
@@ -96,6 +97,7 @@ class Setup:
     batch_size: int
     max_length: int
     precision: str  # bf16-mixed | fp32 | bf16
+    frozen_dtype: str  # model.dtype: auto | float32 | bfloat16 | float16 (reference, LoRA base)
     strategy: str  # ddp | fsdp
     world: int
     gradient_checkpointing: bool
@@ -107,14 +109,13 @@ class Setup:
     reshard_after_forward: bool
 
 
-def precision_of(training: Any, model_dtype: str = "auto") -> str:
-    """`training.precision` where the schema has it; else read from mixedPrecision/dtype."""
-    precision = getattr(training, "precision", None)
-    if precision is not None:
-        return str(precision)
-    if getattr(training, "mixed_precision", "no") == "bf16":
-        return "bf16-mixed"
-    return "bf16" if model_dtype == "bfloat16" else "fp32"
+def precision_of(training: Any, on_gpu: bool) -> str:
+    """`training.precision`, with auto resolved as the trainer does: bf16-mixed on (bf16) GPUs,
+    fp32 on CPU."""
+    precision = str(getattr(training, "precision", "auto"))
+    if precision == "auto":
+        return "bf16-mixed" if on_gpu else "fp32"
+    return precision
 
 
 def setup_of(spec: Any) -> Setup:
@@ -124,7 +125,8 @@ def setup_of(spec: Any) -> Setup:
     reference = "none" if t.loss == "simpo" else ("precompute" if t.reference_logps == "precompute" else "live")
     world = getattr(spec, "workers", 1) * max(1, getattr(spec, "gpus_per_worker", 1))
     return Setup(batch_size=t.batch_size, max_length=spec.data.max_length,
-                 precision=precision_of(t, spec.model.dtype), strategy=t.distributed.strategy, world=world,
+                 precision=precision_of(t, getattr(spec, "gpus_per_worker", 0) > 0),
+                 frozen_dtype=spec.model.dtype, strategy=t.distributed.strategy, world=world,
                  gradient_checkpointing=t.gradient_checkpointing, reference=reference,
                  lora_rank=lora.rank if lora else None, lora_targets=lora.target_modules if lora else None,
                  lora_dropout=lora.dropout if lora else 0.0,
@@ -137,7 +139,11 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, int]:
     store = 2 if s.precision == "bf16" else 4  # bytes of a trainable parameter and its gradient
     lora = s.lora_rank is not None
     trainable = shape.lora_params(s.lora_rank or 0, s.lora_targets) if lora else shape.params
-    frozen_base = shape.params * compute if lora else 0  # LoRA's base: frozen, in the compute dtype
+    # Frozen weights (model.dtype): auto = LoRA's base in bf16 unless fp32; a reference like the masters.
+    explicit = {"float32": 4, "bfloat16": 2, "float16": 2}.get(s.frozen_dtype)
+    base_bytes = explicit or (4 if s.precision == "fp32" else 2)
+    ref_bytes = explicit or store
+    frozen_base = shape.params * base_bytes if lora else 0
     shard = s.world if s.strategy == "fsdp" else 1
     offload = s.strategy == "fsdp" and s.cpu_offload
 
@@ -151,7 +157,7 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, int]:
     if s.strategy == "ddp" and s.world > 1:
         grads *= 2  # DDP's reduction buckets hold a second copy of the gradients
     optimizer = 0 if offload else trainable * 2 * store // shard
-    reference = shape.params * compute // shard if (s.reference == "live" and not lora) else 0
+    reference = shape.params * ref_bytes // shard if (s.reference == "live" and not lora) else 0
 
     tokens = 2 * s.batch_size * s.max_length  # chosen + rejected rows of one micro-batch
     per_token = 10 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate

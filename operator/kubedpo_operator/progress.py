@@ -20,6 +20,8 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubedpo_trainer.config import checkpoint_step_name
+
 from .children import job_name
 from .settings import OperatorSettings
 
@@ -122,7 +124,8 @@ def progress_patch(values: Mapping[str, float], checkpoint_uri: str | None, now:
     ckpt = values.get("last_checkpoint_step")
     step = int(ckpt) if _usable(ckpt, integer=True) else 0  # type: ignore[arg-type]
     if step > 0 and checkpoint_uri:
-        patch["lastCheckpoint"] = {"uri": f"{checkpoint_uri.rstrip('/')}/step-{step:06d}/", "step": step}
+        uri = f"{checkpoint_uri.rstrip('/')}/{checkpoint_step_name(step)}/"
+        patch["lastCheckpoint"] = {"uri": uri, "step": step}
     return patch
 
 

@@ -15,12 +15,13 @@ from typing import Any
 import kopf
 
 from .api import SpecError, parse_spec
-from .handlers import _event, delete_attempt, ensure_attempt
+from .handlers import _event, delete_attempt, ensure_attempt, namespaced
 from .status import FINISHED_PHASES, Transition, now_iso, status_patch
 
 
-def on_workers(body: kopf.Body, old: Any, new: Any, name: str, namespace: str, meta: kopf.Meta,
+def on_workers(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str | None, meta: kopf.Meta,
                memo: kopf.Memo, **_: Any) -> None:
+    namespace = namespaced(namespace)
     if old is None or old == new:
         return
     try:

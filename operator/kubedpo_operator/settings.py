@@ -10,6 +10,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ class OperatorSettings:
     metrics_max_samples: int = 20000
     """Most samples parsed from rank 0's /metrics; more are refused with a condition."""
 
+    network_policy: bool = False
+    """Give each attempt a NetworkPolicy: any port from the same gang only, metrics from the peers below."""
+
+    network_policy_metrics_from: str = ""
+    """JSON list of NetworkPolicyPeer objects allowed to reach the metrics port (the operator, Prometheus)."""
+
     handler_backoff_s: float = 10.0
     """Seconds before kopf retries a failed create/resume handler (the tick also resyncs)."""
 
@@ -91,14 +98,25 @@ class OperatorSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         """Apply `KUBEDPO_<FIELD_UPPER>` overrides, converted to each field's type."""
         env = os.environ if env is None else env
-        values = {}
+        values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = env.get(f"KUBEDPO_{f.name.upper()}")
             if raw is None:
                 continue
+            if f.default is dataclasses.MISSING:
+                raise TypeError(f"OperatorSettings.{f.name} has no default to take its type from")
             kind = type(f.default)
             try:
-                values[f.name] = kind(raw)
+                values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise ValueError(f"KUBEDPO_{f.name.upper()}={raw!r}: expected {kind.__name__}") from None
         return cls(**values)
+
+
+def _parse_bool(raw: str) -> bool:
+    """"true"/"false" (any case), as Helm renders booleans; bool("false") would be True."""
+    if raw.strip().lower() in ("true", "1", "yes"):
+        return True
+    if raw.strip().lower() in ("false", "0", "no", ""):
+        return False
+    raise ValueError(raw)

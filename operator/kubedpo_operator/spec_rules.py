@@ -55,7 +55,7 @@ def uri_problems(wire: dict[str, Any]) -> list[Problem]:
     return out
 
 
-def env_names(env: list[dict[str, Any]], where: str) -> list[Problem]:
+def env_names(env: list[Any], where: str) -> list[Problem]:
     out = []
     for i, e in enumerate(env):
         name = e.get("name") if isinstance(e, dict) else None

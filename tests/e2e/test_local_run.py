@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.multiproc  # the example has 2 workers
 def test_kubedpo_run_tiny_example_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     build_all(tmp_path / ".demo" / "artifacts", n_train=1024, n_eval=64)
     monkeypatch.chdir(tmp_path)

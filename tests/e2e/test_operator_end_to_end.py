@@ -31,7 +31,7 @@ from tests.support.kubelet import StandInKubelet
 from tests.support.runs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
 @dataclass

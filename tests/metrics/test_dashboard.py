@@ -75,7 +75,8 @@ def test_every_metric_on_the_dashboard_is_exported() -> None:
     """A renamed metric would leave a panel silently empty: compare with the real expositions."""
     trainer = TrainerMetrics(job="j", namespace="ns", rank=0)
     trainer.observe("step_seconds", 0.1)
-    trainer.set(dict.fromkeys(LAZY_GAUGES, 1.0))  # eval/checkpoint/GPU series appear once first set
+    trainer.set(dict.fromkeys(LAZY_GAUGES, 1.0))  # eval/checkpoint series appear once first set
+    trainer.set_gpu_memory({"allocated": 1.0, "reserved": 2.0})  # GPU series: on GPU only
     operator = OperatorMetrics()
     operator.errors.labels(handler="h").inc(0)
     operator.duration.labels(handler="h").observe(0.1)

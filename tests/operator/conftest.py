@@ -37,6 +37,7 @@ PATHS = {
     "ConfigMap": f"/api/v1/namespaces/{NS}/configmaps",
     "Event": f"/api/v1/namespaces/{NS}/events",
     "Pod": f"/api/v1/namespaces/{NS}/pods",
+    "NetworkPolicy": f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies",
     "Secret": f"/api/v1/namespaces/{NS}/secrets",
 }
 VERBS = ["list", "watch", "get", "create", "patch", "update", "delete"]
@@ -236,6 +237,8 @@ def cluster(kmock: Any) -> FakeCluster:
     res["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS)
     res["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS)
     res["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True, verbs=VERBS)
+    res["networking.k8s.io/v1/networkpolicies"] = kmock.ResourceInfo(kind="NetworkPolicy", namespaced=True,
+                                                                     verbs=VERBS)
     res["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True, verbs=VERBS)
     res["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS)  # kopf waits for it
     return FakeCluster(kmock)

@@ -212,6 +212,7 @@ def _names_a_field(field: str, doc: dict[str, Any]) -> bool:
     return field == "spec" or parts[0] in doc["spec"]
 
 
+@pytest.mark.slow  # 400 generated manifests, each admitted and built
 @settings(max_examples=400, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(manifests(), st.sampled_from(SETTINGS))
@@ -235,6 +236,7 @@ def test_admitted_manifests_run_with_valid_children_or_fail_naming_the_field(doc
     _oracle(children, spec.workers)
 
 
+@pytest.mark.slow  # reads what the fuzz test above recorded
 def test_the_fuzzer_reaches_both_outcomes():
     """Run after the fuzz test (same module, file order): both branches were exercised."""
     if not OUTCOMES:

@@ -28,10 +28,11 @@ from tests.manifests.tools import require_tool
 from tests.operator.conftest import NS, eventually, minimal_spec
 
 KUBE_PY = Path(__file__).parents[2] / "operator" / "kubedpo_operator" / "kube.py"
-API_GROUPS = {"core": "", "batch": "batch", "custom": GROUP}
+API_GROUPS = {"core": "", "batch": "batch", "custom": GROUP, "net": "networking.k8s.io"}
 VERB_PREFIX = {"read": "get", "get": "get", "list": "list", "create": "create", "patch": "patch", "delete": "delete",
                "replace": "update"}
 RESOURCES = {"config_map": "configmaps", "service": "services", "job": "jobs", "pod": "pods", "event": "events",
+             "network_policy": "networkpolicies",
              "custom_object": PLURAL, "custom_object_status": f"{PLURAL}/status"}
 # Granted without a call of ours: the API server checks them on our behalf.
 NOT_CALLS = {
@@ -77,7 +78,8 @@ def request_rule(method: str, path: str, watch: bool) -> tuple[str, str, str] | 
 
 
 def chart_rules(helm: str) -> Rules:
-    proc = run_helm(helm, "template", "dpo", str(CHART), "--namespace", "kubedpo-system")
+    proc = run_helm(helm, "template", "dpo", str(CHART), "--namespace", "kubedpo-system",
+                    "--set", "networkPolicy.enabled=true")  # every optional code path on
     assert proc.returncode == 0, proc.stderr
     role = next(d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "ClusterRole"
                 and d["metadata"]["name"] == "dpo-kubedpo")
@@ -117,7 +119,7 @@ async def _scenario(cluster: Any) -> None:
 
 async def test_chart_rbac_equals_what_the_code_uses(cluster, operator, kmock) -> None:
     helm = require_tool("helm")
-    await operator.start()
+    await operator.start(network_policy=True)
     await _scenario(cluster)
     recorded: Rules = defaultdict(set)
     for req in kmock:

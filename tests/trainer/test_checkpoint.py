@@ -119,3 +119,12 @@ def test_trainable_state_round_trip_with_tied_weights(tmp_path: Path) -> None:
     b._tied_weights_keys = ["head.weight"]
     ckpt.load_trainable_state(b, tmp_path / "w.safetensors")
     assert torch.equal(a.emb.weight, b.emb.weight) and torch.equal(b.head.weight, a.emb.weight)
+
+
+def test_operator_reports_the_folder_the_trainer_writes(tmp_path: Path) -> None:
+    """status.lastCheckpoint names the same step folder the writer uploads to (one naming owner)."""
+    from kubedpo_operator.progress import progress_patch
+
+    for root in (str(tmp_path / "ckpt"), "s3://runs/ckpt/", "s3://runs/ckpt"):
+        patch = progress_patch({"step": 1234567.0, "last_checkpoint_step": 1234567.0}, root, "now")
+        assert patch["lastCheckpoint"]["uri"].rstrip("/") == ckpt.step_dir(root, 1234567).rstrip("/")

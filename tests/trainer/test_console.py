@@ -7,11 +7,11 @@ import io
 import pytest
 from rich.console import Console
 
+from kubedpo_trainer.config import resolve_log_format
 from kubedpo_trainer.console import (
     RichDisplay,
     eval_table,
     format_duration,
-    resolve_log_format,
     status_line,
     summary_rows,
 )

@@ -28,7 +28,7 @@ import yaml
 
 from tests.support.runs import Run, free_port, run_trainer, tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 STEPS, EVERY = 6, 3
 TOL = 1e-4  # loss per step, and every exported weight: reduction order differs (all-reduce vs reduce-scatter)
@@ -80,7 +80,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     """A DDP run, an FSDP run of the same job (asked for in the spec), and an FSDP run resumed from
-    the latter's step 3."""
+    the latter's step 3 (with activation checkpointing on)."""
     tmp = tmp_path_factory.mktemp("fsdp")
     launcher = LAUNCHER
     out: dict[str, Run] = {}
@@ -93,8 +93,10 @@ def runs(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     resumed_ckpt = tmp / "resumed" / "ckpt"
     shutil.copytree(tmp / "fsdp" / "ckpt" / "step-000003", resumed_ckpt / "step-000003")
     # Also without clipping (norms here are < 1, so nothing changes): the unclipped grad-norm path.
+    # And with activation checkpointing (FSDP2's, per layer): recomputation changes no number.
     cfg = _config(tiny, tmp / "resumed", resumed_ckpt, "fsdp")
     cfg["training"]["maxGradNorm"] = None
+    cfg["training"]["gradientCheckpointing"] = True
     out["resumed"] = run_fsdp(cfg, tmp / "resumed", launcher, from_env=False)
     assert out["resumed"].returncode == 0, out["resumed"].stderr[-4000:]
     return out
@@ -149,6 +151,7 @@ def test_fsdp_export_is_a_full_model_equal_to_ddp(tiny, runs: dict[str, Run]) ->
 def test_fsdp_resume_continues_exactly(runs: dict[str, Run]) -> None:
     resumed, base = runs["resumed"], runs["fsdp"]
     assert "resumed from" in resumed.stderr and "(step 3)" in resumed.stderr
+    assert "activation checkpointing: 2 layers" in resumed.stderr  # both decoder layers recompute
     l_res, l_base = _losses(resumed), _losses(base)
     assert sorted(l_res) == list(range(EVERY + 1, STEPS + 1))
     for s in l_res:
@@ -201,13 +204,15 @@ def test_fsdp_eval_with_unequal_rank_shares_matches_ddp(tiny, tmp_path: Path) ->
 
 def test_lora_under_fsdp_trains_like_ddp_and_checkpoints_the_adapter_only(tiny, tmp_path: Path) -> None:
     """The 70B example's setting: a LoRA adapter on an FSDP2-sharded frozen base (the reference is
-    that base with the adapter off). Per-step numbers equal DDP's; the DCP checkpoint holds the
-    adapter and its AdamW state only (frozen base weights are left out)."""
+    that base with the adapter off, here precomputed through the sharded forward). Per-step
+    numbers equal DDP's; the DCP checkpoint holds the adapter and its AdamW state only (frozen
+    base weights are left out)."""
     runs = {}
     for name in ("ddp", "fsdp"):
         cfg = tiny_config(tiny, tmp_path / name, data={"shuffleBuffer": 1},
                           model={"lora": {"rank": 4}},
-                          training={"maxSteps": 3, "batchSize": 4, "distributed": {"strategy": name}},
+                          training={"maxSteps": 3, "batchSize": 4, "distributed": {"strategy": name},
+                                    "referenceLogps": "precompute"},
                           checkpoint={"uri": str(tmp_path / name / "ckpt"), "everySteps": 3})
         cfg["data"].pop("eval")
         runs[name] = (run_trainer(cfg, tmp_path / name, nproc=2, torchrun=True) if name == "ddp"
@@ -225,3 +230,21 @@ def test_lora_under_fsdp_trains_like_ddp_and_checkpoints_the_adapter_only(tiny, 
     meta = FileSystemReader(str(tmp_path / "fsdp" / "ckpt" / "step-000003" / "sharded")).read_metadata()
     keys = [k for k in meta.state_dict_metadata if k.startswith("model.")]
     assert keys and all("lora_" in k for k in keys), keys[:5]
+
+
+def test_fsdp_precompute_with_unequal_rank_shares_matches_ddp(tiny, tmp_path: Path) -> None:
+    """referenceLogps: precompute under FSDP: the reference is sharded, so each of its forwards is a
+    collective. 9 eval rows over 2 ranks give the ranks unequal forward counts; the short rank must
+    run throw-away forwards in step (this hung: the reference cache ran each rank's own count)."""
+    runs = {}
+    for name in ("ddp", "fsdp"):
+        cfg = tiny_config(tiny, tmp_path / name, data={"shuffleBuffer": 1, "evalMaxRows": 9},
+                          training={"maxSteps": 2, "batchSize": 4, "referenceLogps": "precompute",
+                                    "distributed": {"strategy": name}})
+        runs[name] = (run_trainer(cfg, tmp_path / name, nproc=2, torchrun=True) if name == "ddp"
+                      else run_fsdp(cfg, tmp_path / name, LAUNCHER, from_env=False))
+        assert runs[name].returncode == 0, runs[name].stderr[-4000:]
+    assert "distributed_type=FSDP" in runs["fsdp"].stderr or "FSDP" in runs["fsdp"].stderr
+    ddp, fsdp = (runs[n].summary() for n in ("ddp", "fsdp"))
+    assert fsdp["eval"]["eval_loss"] == pytest.approx(ddp["eval"]["eval_loss"], abs=TOL)
+    assert _losses(runs["fsdp"]) == pytest.approx(_losses(runs["ddp"]), abs=TOL)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRIABLE
-from kubedpo_trainer.launch import LaunchPlan, combine_exit_codes, worker_env
+from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRIABLE, combine_exit_codes
+from kubedpo_trainer.launch import LaunchPlan, worker_env
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ def _losses(run) -> list[float]:
     return [r["loss"] for r in run.train_logs()]
 
 
+@pytest.mark.multiproc
 def test_packed_and_shared_runs_equal_the_padded_run(tiny, tmp_path: Path) -> None:
     padded = run_trainer(tiny_config(tiny, tmp_path / "padded", data=COMMON_DATA,
                                      training={**COMMON_TRAINING, "batchSize": 4}), tmp_path / "padded")

@@ -53,6 +53,7 @@ def _computed(caplog: pytest.LogCaptureFixture) -> list[tuple[int, int]]:
     return out
 
 
+@pytest.mark.slow  # reference passes over the tiny splits
 def test_cache_is_exact_reused_and_keyed(task, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="kubedpo_trainer.reference_cache")
     plain = _precompute(_cfg(task, tmp_path, None))
@@ -73,6 +74,7 @@ def test_cache_is_exact_reused_and_keyed(task, tmp_path: Path, caplog: pytest.Lo
     assert len(list(Path(cache).iterdir())) == 4
 
 
+@pytest.mark.slow  # reference passes over the tiny splits
 def test_killed_precompute_resumes_from_its_parts(task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="kubedpo_trainer.reference_cache")
@@ -97,6 +99,7 @@ def test_killed_precompute_resumes_from_its_parts(task, tmp_path: Path, monkeypa
     assert reused == 16 and computed == N_TRAIN - 16  # 4 batches of 4 ran, 2 parts of 8 were written
 
 
+@pytest.mark.slow  # reference passes over the tiny splits
 def test_packed_precompute_equals_padded(task, tmp_path: Path) -> None:
     plain = _precompute(_cfg(task, tmp_path, None))
     packed = _precompute(_cfg(task, tmp_path, None, packing={"maxTokens": 200, "sharePrompt": True}))

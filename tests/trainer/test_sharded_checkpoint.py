@@ -16,7 +16,7 @@ import torch
 
 from tests.support.runs import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 WORKER = Path(__file__).parents[1] / "support" / "dcp_worker.py"
 

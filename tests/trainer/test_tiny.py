@@ -78,6 +78,7 @@ def test_same_seed_same_data_other_seed_other_data() -> None:
     assert preference_rows(50, seed=1) != preference_rows(50, seed=2)
 
 
+@pytest.mark.slow  # 200 training steps in-process
 def test_a_two_layer_model_learns_the_rule_on_held_out_prompts(tiny) -> None:
     """DPO (sigmoid loss, beta 0.1) for 200 steps of 16 pairs: held-out reward accuracy >= 0.9.
 

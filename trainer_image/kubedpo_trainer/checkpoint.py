@@ -39,18 +39,55 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint_manifest as manifest
 from . import storage
+from .config import CHECKPOINT_STEP_PREFIX, checkpoint_step_name
 from .errors import InputError, StorageError
+from .model_kinds import is_peft
 
 log = logging.getLogger(__name__)
 
+# --- the layout: every name in a checkpoint, for the writer and the reader alike -------------
+
 COMPLETE = "COMPLETE"
 SHARDED_DIR = "sharded"  # under FSDP: model + optimizer shards as a torch.distributed.checkpoint folder
-_STEP_RE = re.compile(r"step-(\d+)/COMPLETE$")
-_ANY_STEP_RE = re.compile(r"step-(\d+)/")
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+TRAINER_STATE = "trainer_state.json"
+_STEP_RE = re.compile(rf"{re.escape(CHECKPOINT_STEP_PREFIX)}(\d+)/{COMPLETE}$")
+_ANY_STEP_RE = re.compile(rf"{re.escape(CHECKPOINT_STEP_PREFIX)}(\d+)/")
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def data_file(rank: int) -> str:
+    return f"data-rank{rank}.json"
+
+
+def done_marker(rank: int) -> str:
+    return f"rank-{rank}.done"
 
 
 def step_dir(uri: str, step: int) -> str:
-    return storage.join(uri, f"step-{step:06d}")
+    return storage.join(uri, checkpoint_step_name(step))
+
+
+# --- the formats: a writer for the Snapshot and the matching reader --------------------------
+
+
+def torch_file(obj: Any) -> Callable[[Path], None]:
+    return lambda path: torch.save(obj, path)
+
+
+def json_file(obj: Any) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(obj))
+
+    return write
+
+
+def load_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
 def _steps(uri: str, pattern: re.Pattern[str]) -> list[int]:
@@ -115,7 +152,7 @@ def newest_verified(uri: str | None, scratch: Path) -> Verified | None:
             files = manifest.parse_complete(storage.read_bytes(storage.join(d, COMPLETE)), COMPLETE)
             if files is not None:
                 manifest.check_listing(d, files)
-            local = storage.download_dir(d, scratch / f"step-{step:06d}")
+            local = storage.download_dir(d, scratch / checkpoint_step_name(step))
             if files is None:
                 log.warning("checkpoint %s has no manifest (written by an older trainer): not verified", d)
             else:
@@ -149,12 +186,8 @@ def load_torch(path: Path) -> Any:
 # --- model weights: the trainable part only ------------------------------------------------
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config")
-
-
 def weights_file(model: torch.nn.Module) -> str:
-    return "adapter_model.safetensors" if _is_peft(model) else "model.safetensors"
+    return "adapter_model.safetensors" if is_peft(model) else "model.safetensors"
 
 
 def trainable_state(model: torch.nn.Module, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -164,7 +197,7 @@ def trainable_state(model: torch.nn.Module, full: dict[str, torch.Tensor] | None
     of `model.state_dict()`, which would hold only this rank's shards.
     Tied weights (embeddings/head) are stored once: safetensors refuses shared storage.
     """
-    if _is_peft(model):
+    if is_peft(model):
         from peft import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(model, state_dict=full)
@@ -187,7 +220,7 @@ def save_trainable_state(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def load_trainable_state(model: torch.nn.Module, path: Path) -> None:
     state = load_file(str(path))
-    if _is_peft(model):
+    if is_peft(model):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, state)
@@ -275,7 +308,7 @@ class CheckpointWriter:
         """Write `snap` locally, start its upload; returns seconds the caller was blocked."""
         t0 = time.perf_counter()
         self.wait()
-        local = self.staging / f"step-{snap.step:06d}"
+        local = self.staging / checkpoint_step_name(snap.step)
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)
         for name, write in snap.files.items():
@@ -308,7 +341,7 @@ class CheckpointWriter:
         dest = step_dir(self.uri, step)
         mine = manifest.digest_dir(local)  # hashed here, on the upload thread: the loop never waits
         storage.upload_dir(local, dest)
-        storage.write_bytes(storage.join(dest, f"rank-{self.rank}.done"), json.dumps(mine).encode())
+        storage.write_bytes(storage.join(dest, done_marker(self.rank)), json.dumps(mine).encode())
         if self.rank == 0:
             files = manifest.merge([mine, *self._await_ranks(dest)])
             storage.write_bytes(storage.join(dest, COMPLETE), manifest.complete_record(step, files))
@@ -323,7 +356,7 @@ class CheckpointWriter:
         deadline = time.monotonic() + self.marker_timeout_s
         parts = []
         for r in range(1, self.world_size):
-            marker = storage.join(dest, f"rank-{r}.done")
+            marker = storage.join(dest, done_marker(r))
             while not storage.exists(marker):
                 if time.monotonic() > deadline:
                     raise StorageError(f"{dest}: rank {r} never finished uploading its part")

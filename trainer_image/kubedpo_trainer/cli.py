@@ -15,8 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .config import load_config
-from .console import LOG_FORMAT_ENV, LOG_FORMATS, resolve_log_format, terminal
+from .config import LOG_FORMAT_ENV, LOG_FORMATS, load_config, resolve_log_format
+from .console import terminal
 from .errors import EXIT_CONFIG, EXIT_RETRIABLE, KubeDPOError
 from .launch import LaunchPlan, launch
 

@@ -9,9 +9,11 @@ Unknown fields are rejected (`extra="forbid"`) so that a typo never silently bec
 from __future__ import annotations
 
 import json
+import os
+import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import yaml
 from pydantic import (
@@ -70,7 +72,8 @@ class LossType(StrEnum):
 
 class LoraConfig(Schema):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r of the adapter matrices.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha; the update is scaled by alpha/rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling alpha (an integer, as in peft); the update is scaled by "
+                       "alpha/rank.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
     target_modules: list[str] | None = Field(
         None,
@@ -313,6 +316,18 @@ class TrainingConfig(Schema):
     eval_on_start: bool = Field(False, description="Also evaluate before the first step (the baseline).")
 
 
+CHECKPOINT_STEP_PREFIX = "step-"
+
+
+def checkpoint_step_name(step: int) -> str:
+    """`step-000500`: one checkpoint's folder under `checkpoint.uri`.
+
+    The rest of the layout is `checkpoint.py`'s; the step name lives here because the operator,
+    which may import only config and errors, reports it in status.lastCheckpoint.
+    """
+    return f"{CHECKPOINT_STEP_PREFIX}{step:06d}"
+
+
 class CheckpointConfig(Schema):
     uri: str | None = Field(None, description="Checkpoints go to <uri>/step-<n>/ (s3:// or local).")
     every_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps.")
@@ -393,3 +408,29 @@ def load_config(path: str | Path) -> TrainerConfig:
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {err}") from None
     return parse_config(data, source=str(p))
+
+
+# --- log format: the launcher (ours or `kubedpo run`) and every rank agree through the env ---
+# Here rather than in console.py so that the operator's local runner, which may import only
+# config and errors, names the same variable and resolves "auto" the same way.
+
+LOG_FORMATS = ("auto", "json", "rich")
+LOG_FORMAT_ENV = "KUBEDPO_LOG_FORMAT"
+
+
+def resolve_log_format(choice: str | None = None, stream: IO[str] | None = None) -> str:
+    """'json' or 'rich' from a flag, else the env variable, else 'auto' (rich on a terminal)."""
+    value = (choice or os.environ.get(LOG_FORMAT_ENV) or "auto").strip().lower()
+    if value not in LOG_FORMATS:
+        raise ValueError(f"{LOG_FORMAT_ENV} / --log-format: {value!r} is not one of {', '.join(LOG_FORMATS)}")
+    if value != "auto":
+        return value
+    stream = stream or sys.stdout
+    return "rich" if _isatty(stream) and os.environ.get("TERM") != "dumb" else "json"
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed or replaced streams
+        return False

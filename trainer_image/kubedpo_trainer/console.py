@@ -14,37 +14,15 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import IO, Any
+from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
-
-LOG_FORMATS = ("auto", "json", "rich")
-LOG_FORMAT_ENV = "KUBEDPO_LOG_FORMAT"
-
-
-def resolve_log_format(choice: str | None = None, stream: IO[str] | None = None) -> str:
-    """'json' or 'rich' from a flag, else the env variable, else 'auto' (rich on a terminal)."""
-    value = (choice or os.environ.get(LOG_FORMAT_ENV) or "auto").strip().lower()
-    if value not in LOG_FORMATS:
-        raise ValueError(f"{LOG_FORMAT_ENV} / --log-format: {value!r} is not one of {', '.join(LOG_FORMATS)}")
-    if value != "auto":
-        return value
-    stream = stream or sys.stdout
-    return "rich" if _isatty(stream) and os.environ.get("TERM") != "dumb" else "json"
-
-
-def _isatty(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # closed or replaced streams
-        return False
 
 
 @functools.cache

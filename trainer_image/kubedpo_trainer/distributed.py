@@ -4,11 +4,12 @@ Why through accelerate rather than calling `fully_shard` ourselves: the loop alr
 accelerate (accumulate/no_sync, clip, autocast, gathering for export), and accelerate's FSDP2
 path is the one its users' config files select, so spec and config file run the same code.
 
-Memory-efficient loading is *rank-0 load + broadcast*: with `FSDP_CPU_RAM_EFFICIENT_LOADING`
-transformers reads the weights on local rank 0 of each node only (the other ranks build the
-model on the meta device), and accelerate's `fsdp2_prepare_model` moves every model to meta,
-shards it and broadcasts rank 0's full tensors into each rank's shard. The reference is loaded
-and sharded before the policy is read, so a node holds at most one full copy at any time.
+Memory-efficient loading is *rank-0 load + broadcast*: rank 0 reads the weights; every other
+rank builds the model from config.json with its parameters on the meta device (`meta_model`:
+transformers 5 no longer skips reading on non-zero ranks by itself), and accelerate's
+`fsdp2_prepare_model` shards the (meta) model and broadcasts rank 0's full tensors, one at a
+time, into each rank's shard. The reference is loaded and sharded before the policy is read, so
+the whole job holds at most one full copy at any time (on rank 0's node).
 
 The reference model is a second FSDP2 module (frozen, eval mode): each rank holds 1/world of
 it and gathers one layer at a time in its forward, the same as the policy.
@@ -18,13 +19,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 
 from .config import TrainerConfig
 from .precision import resolve_precision
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,27 @@ def settle_loading_env(cfg: TrainerConfig, fsdp_granted: bool) -> None:
     os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true" if efficient else "false"
 
 
+def skips_weight_read(acc: Any) -> bool:
+    """True on every rank but rank 0 when FSDP loads memory-efficiently: accelerate broadcasts rank
+    0's tensors into each shard, so this rank builds the model with parameters on the meta device
+    and never reads the weights (transformers 5 reads them on every rank, env or not)."""
+    if acc is None or getattr(acc, "distributed_type", None) != DistributedType.FSDP:
+        return False
+    plugin = getattr(acc.state, "fsdp_plugin", None)
+    return bool(plugin is not None and plugin.cpu_ram_efficient_loading and not acc.is_main_process)
+
+
+def meta_model(path: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    """The architecture from config.json with parameters on the meta device (no memory) and
+    buffers real: non-persistent buffers (rotary frequencies) are not broadcast by accelerate."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
 def on_meta(model: nn.Module) -> bool:
     """True on the ranks that skipped reading the weights (memory-efficient loading)."""
     return any(p.is_meta for p in model.parameters())
@@ -131,3 +157,26 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def checkpointed_layers(model: nn.Module) -> int:
+    """Modules wrapped for activation checkpointing by FSDP2's path (torch's CheckpointWrapper;
+    fully_shard then swaps in a subclass, so isinstance, not the class name)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    return sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+
+
+def rebind_optimizer(optimizer: Any, model: nn.Module) -> None:
+    """Point a fresh optimizer at the model's sharded parameters, in creation order.
+
+    accelerate maps old to new parameters by `data_ptr`, and every meta-device parameter (the
+    ranks that skip reading weights) has data_ptr 0: its mapping would give every slot the same
+    parameter. The optimizer was built from `requires_grad` parameters in module order and
+    holds no state yet, so rebinding by order is exact.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = optimizer.param_groups
+    if len(groups) != 1 or len(groups[0]["params"]) != len(params) or optimizer.state:
+        raise RuntimeError("rebind_optimizer: expected one fresh parameter group matching the model")
+    groups[0]["params"] = params

@@ -12,10 +12,24 @@ Exit codes of `kubedpo-trainer` (the contract with the operator):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 EXIT_OK = 0
 EXIT_RETRIABLE = 1
 EXIT_CONFIG = 2
 EXIT_PREEMPTED = 75
+
+
+def combine_exit_codes(codes: Sequence[int]) -> int:
+    """One code for the pod: config errors win (never retry), then crashes, then preemption."""
+    if all(c == EXIT_OK for c in codes):
+        return EXIT_OK
+    if EXIT_CONFIG in codes:
+        return EXIT_CONFIG
+    failures = [c for c in codes if c not in (EXIT_OK, EXIT_PREEMPTED)]
+    if failures:
+        return EXIT_RETRIABLE
+    return EXIT_PREEMPTED
 
 
 class KubeDPOError(Exception):

@@ -10,23 +10,29 @@ rank with fewer eval batches repeats its last one, uncounted.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from .batch import Batch
 from .config import TrainerConfig
 from .data.stream import PreferenceStream
 from .errors import InputError
 from .forward import concatenated_forward, dpo_metrics, logit_totals, logits_from_totals
 from .losses import LossInputs, compute_loss
 from .metrics import DPO_GAUGES
+from .models import PolicyAndReference
+from .reference import Reference
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @torch.no_grad()
-def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, reference: Any, tokenizer: Any,
-             beta: float) -> dict[str, float]:
+def evaluate(cfg: TrainerConfig, acc: Accelerator, models: PolicyAndReference, reference: Reference,
+             tokenizer: PreTrainedTokenizerBase, beta: float) -> dict[str, float]:
     assert cfg.data.eval is not None
     policy = acc.unwrap_model(models.policy)
     was_training = policy.training
@@ -36,7 +42,7 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, reference: Any, 
     sums: dict[str, float] = {}
     logits = torch.zeros(4, dtype=torch.float64)  # token-weighted over the whole split, as TRL's logits/*
     pairs = 0
-    batches: Iterable[dict[str, Any]] = stream.eval_batches(device=acc.device)
+    batches: Iterable[Batch] = stream.eval_batches(device=acc.device)
     real = None  # how many batches count; the rest only keep FSDP's collectives paired
     if acc.distributed_type == DistributedType.FSDP:
         batches, real = equal_batch_counts(acc, list(batches), cfg.data.eval)
@@ -67,8 +73,7 @@ def evaluate(cfg: TrainerConfig, acc: Accelerator, models: Any, reference: Any, 
     return values
 
 
-def equal_batch_counts(acc: Accelerator, batches: list[dict[str, Any]],
-                        source: str) -> tuple[list[dict[str, Any]], int]:
+def equal_batch_counts(acc: Accelerator, batches: list[Batch], source: str) -> tuple[list[Batch], int]:
     """This rank's eval batches padded with repeats of its last to the most any rank has, and
     how many are real (FSDP's all-gathers must pair up across ranks)."""
     counts = acc.gather(torch.tensor([len(batches)], device=acc.device)).tolist()

@@ -19,18 +19,19 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from . import storage
 from .config import TrainerConfig
+from .model_kinds import is_peft
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 SUMMARY = "kubedpo_summary.json"
-
-
-def is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
 
 
 @contextlib.contextmanager
@@ -47,19 +48,19 @@ def _use_cache_for_inference(model: nn.Module) -> Iterator[None]:
             config.use_cache = old
 
 
-def save_full(model: nn.Module, out: Path, state_dict: dict[str, Any] | None = None) -> None:
+def save_full(model: PreTrainedModel, out: Path, state_dict: dict[str, Any] | None = None) -> None:
     with _use_cache_for_inference(model):
         model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
 
 
-def save_adapter(model: nn.Module, out: Path, base_uri: str, state_dict: dict[str, Any] | None = None) -> None:
+def save_adapter(model: PeftModel, out: Path, base_uri: str, state_dict: dict[str, Any] | None = None) -> None:
     """adapter_model.safetensors + adapter_config.json naming the base by its URI, not a cache path."""
     for conf in model.peft_config.values():
         conf.base_model_name_or_path = base_uri
     model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
 
 
-def save_merged(model: nn.Module, out: Path) -> None:
+def save_merged(model: PeftModel, out: Path) -> None:
     """Base weights with the adapter folded in, loadable with AutoModelForCausalLM alone.
 
     Merges a copy so the caller's model keeps its adapter (costs one model of memory, briefly).
@@ -100,6 +101,10 @@ def export_final(
                 save_merged(model, staging / "merged")
                 tokenizer.save_pretrained(str(staging / "merged"))
         else:
+            from transformers import PreTrainedModel
+
+            if not isinstance(model, PreTrainedModel):
+                raise TypeError(f"cannot export a {type(model).__name__}: neither a peft nor a transformers model")
             save_full(model, staging, state_dict)
         tokenizer.save_pretrained(str(staging))
         storage.upload_dir(staging, out_uri)

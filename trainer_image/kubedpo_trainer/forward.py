@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from .batch import Batch
 from .logprobs import sequence_logps
+from .losses import LossSummary
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,11 @@ def _innermost(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under DDP/FSDP (`.module`) and peft (`get_base_model`) wrappers."""
     m = model
     for _ in range(8):  # wrappers nest a few levels at most
-        if hasattr(m, "get_base_model"):
-            m = m.get_base_model()
-        elif isinstance(getattr(m, "module", None), torch.nn.Module):
-            m = m.module
+        get_base_model = getattr(m, "get_base_model", None)  # peft's wrapper (its base also has peft_config)
+        if callable(get_base_model):
+            m = get_base_model()
+        elif isinstance(inner := getattr(m, "module", None), torch.nn.Module):
+            m = inner
         else:
             break
     return m
@@ -67,7 +70,7 @@ def supports_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
-def concatenated_forward(model: torch.nn.Module, batch: dict[str, Any]) -> ForwardOutput:
+def concatenated_forward(model: torch.nn.Module, batch: Batch) -> ForwardOutput:
     """Policy (or reference) log-probs of a (2B, T) chosen+rejected batch from one forward.
 
     Rows 0..B-1 are prompt+chosen and B..2B-1 prompt+rejected (the collate contract).
@@ -89,16 +92,15 @@ def concatenated_forward(model: torch.nn.Module, batch: dict[str, Any]) -> Forwa
     )
 
 
-def dpo_metrics(loss_out: Any, policy: ForwardOutput, prefix: str = "") -> dict[str, float]:
+def dpo_metrics(loss_out: LossSummary, policy: ForwardOutput, prefix: str = "") -> dict[str, float]:
     """TRL 1.16 DPOTrainer's logged values for one batch, names with '/' -> '_' and `prefix` prepended.
 
     As in `DPOTrainer._compute_loss`: rewards, accuracies, margins and logps are means over pairs;
     accuracies count strict `chosen > rejected` (ties are wrong); logits/* are token-weighted
     (total vocab-mean logit over total response tokens), not a mean of per-sequence means.
-    `loss_out` is a `losses.LossOutput`.
     """
     c, r = loss_out.chosen_rewards.detach().float(), loss_out.rejected_rewards.detach().float()
-    values = {
+    values: dict[str, torch.Tensor | float] = {
         "loss": loss_out.loss.detach(),
         "rewards_chosen": c.mean(),
         "rewards_rejected": r.mean(),

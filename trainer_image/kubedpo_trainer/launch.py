@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRIABLE
+from .errors import EXIT_OK, EXIT_PREEMPTED, EXIT_RETRIABLE, combine_exit_codes
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,6 @@ def worker_env(plan: LaunchPlan, local_rank: int, base: dict[str, str]) -> dict[
     )
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node)))
     return env
-
-
-def combine_exit_codes(codes: Sequence[int]) -> int:
-    """One code for the pod: config errors win (never retry), then crashes, then preemption."""
-    if all(c == EXIT_OK for c in codes):
-        return EXIT_OK
-    if EXIT_CONFIG in codes:
-        return EXIT_CONFIG
-    failures = [c for c in codes if c not in (EXIT_OK, EXIT_PREEMPTED)]
-    if failures:
-        return EXIT_RETRIABLE
-    return EXIT_PREEMPTED
 
 
 def launch(plan: LaunchPlan, argv: Sequence[str], grace_s: float = 60.0, settle_s: float = 3.0) -> int:

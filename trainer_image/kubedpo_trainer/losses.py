@@ -13,12 +13,33 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .batch import PairFields
 from .config import LossType, TrainingConfig
+
+
+class PairLogps(Protocol):
+    """Summed response log-probs of a batch's pairs: `reference.ReferenceLogps` or `forward.ForwardOutput`."""
+
+    @property
+    def chosen_logps(self) -> torch.Tensor: ...  # (B,)
+
+    @property
+    def rejected_logps(self) -> torch.Tensor: ...  # (B,)
+
+
+class PolicyLogps(PairLogps, Protocol):
+    """The policy's side also counts response tokens (length-normalised losses): `forward.ForwardOutput`."""
+
+    @property
+    def chosen_len(self) -> torch.Tensor: ...  # (B,)
+
+    @property
+    def rejected_len(self) -> torch.Tensor: ...  # (B,)
 
 
 @dataclass(frozen=True)
@@ -33,7 +54,7 @@ class LossInputs:
     weight: torch.Tensor  # (B,) per-row weight; ones when absent
 
     @classmethod
-    def from_forward(cls, policy: Any, ref: Any, batch: dict[str, Any]) -> LossInputs:
+    def from_forward(cls, policy: PolicyLogps, ref: PairLogps | None, batch: PairFields) -> LossInputs:
         """From `forward.ForwardOutput`s of policy and reference (None when reference-free)."""
         dev = policy.chosen_logps.device
         return cls(
@@ -57,6 +78,19 @@ class LossInputs:
         """h = r_c - r_r, (B,)."""
         c, r = self.logratios()
         return c - r
+
+
+class LossSummary(Protocol):
+    """What the logged metrics read of a loss: `LossOutput`, or a packed step's totals."""
+
+    @property
+    def loss(self) -> torch.Tensor: ...
+
+    @property
+    def chosen_rewards(self) -> torch.Tensor: ...  # (B,) detached
+
+    @property
+    def rejected_rewards(self) -> torch.Tensor: ...  # (B,) detached
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,24 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import storage
+from .batch import Batch
 from .config import LossType, TrainerConfig
+from .distributed import meta_model, skips_weight_read
 from .errors import InputError
+from .model_kinds import follow_module, is_peft
 from .precision import PrecisionPlan, plan_precision
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .forward import ForwardOutput
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +87,8 @@ def resolve_model_source(uri: str, accelerator: Any = None) -> str:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def load_tokenizer(source: TrainerConfig | str, accelerator: Any = None, trust_remote_code: bool = False):
+def load_tokenizer(source: TrainerConfig | str, accelerator: Any = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer from `model.tokenizerUri` (or `model.uri`), or from a URI string.
 
     A tokenizer without a pad token (Llama, Mistral) gets its EOS as pad: padding positions are
@@ -102,24 +112,30 @@ def load_tokenizer(source: TrainerConfig | str, accelerator: Any = None, trust_r
 
 
 def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, accelerator: Any,
-                     dtype: torch.dtype) -> nn.Module:
+                     dtype: torch.dtype) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_source(uri, accelerator)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
-        )
+        model: PreTrainedModel
+        if skips_weight_read(accelerator):  # FSDP: rank 0's weights arrive by broadcast
+            model = meta_model(path, dtype, cfg.model.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+            )
     except (OSError, ValueError) as err:
         raise InputError(f"model {uri}: cannot load: {err}") from None
     if cfg.training.disable_dropout:
         disable_dropout(model)
     if any(p.is_meta for p in model.parameters()):
         return model  # FSDP memory-efficient loading: this rank gets its shards by broadcast
-    return model.to(device)
+    module: nn.Module = model  # PreTrainedModel.to's functools.wraps signature confuses type checkers
+    module.to(device)  # in place, as for every nn.Module
+    return model
 
 
-def lora_config(cfg: TrainerConfig):
+def lora_config(cfg: TrainerConfig) -> LoraConfig:
     """peft LoraConfig from `model.lora`; no targetModules means every linear layer but the head."""
     from peft import LoraConfig
 
@@ -159,12 +175,12 @@ def load_policy(cfg: TrainerConfig, device: torch.device | str, accelerator: Any
 
     if cfg.training.gradient_checkpointing and cfg.training.distributed.strategy != "fsdp":
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=plan.upcast_lora_adapters)
-    model.train()
-    return model
+    peft_model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=plan.upcast_lora_adapters)
+    peft_model.train()
+    return peft_model
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """transformers 5 renamed gradient_checkpointing_enable; accept both (4.56 and 5.x)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
@@ -213,13 +229,6 @@ def load_reference(cfg: TrainerConfig, device: torch.device | str, accelerator: 
 # --- one interface for the loop ---------------------------------------------------------------
 
 
-def _follow_module(model: nn.Module) -> nn.Module:
-    """Strip DDP-style wrappers (`.module`) when no accelerator's unwrap_model is at hand."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
 @dataclass
 class PolicyAndReference:
     """The trainable policy and a way to run the reference, whichever kind it is.
@@ -230,11 +239,11 @@ class PolicyAndReference:
 
     policy: nn.Module
     reference: nn.Module | None = None
-    unwrap: Callable[[nn.Module], nn.Module] = field(default=_follow_module)
+    unwrap: Callable[[nn.Module], nn.Module] = field(default=follow_module)
 
     @property
     def is_lora(self) -> bool:
-        return hasattr(self.unwrap(self.policy), "peft_config")
+        return is_peft(self.unwrap(self.policy))
 
     @property
     def has_reference(self) -> bool:
@@ -251,9 +260,9 @@ class PolicyAndReference:
             with torch.no_grad():
                 yield self.reference
             return
-        if not self.is_lora:
-            raise RuntimeError("this run has no reference model (reference-free loss)")
         model = self.unwrap(self.policy)
+        if not is_peft(model):
+            raise RuntimeError("this run has no reference model (reference-free loss)")
         was_training = model.training
         model.eval()
         try:
@@ -262,7 +271,7 @@ class PolicyAndReference:
         finally:
             model.train(was_training)
 
-    def reference_logps(self, batch: dict[str, Any]) -> Any:
+    def reference_logps(self, batch: Batch) -> ForwardOutput | None:
         """`forward.concatenated_forward` of the reference on `batch`; None if reference-free."""
         if not self.has_reference:
             return None
@@ -278,7 +287,7 @@ class PolicyAndReference:
 
 def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.device | str | None = None,
                 plan: PrecisionPlan | None = None,
-                prepare_reference: Callable[[nn.Module], nn.Module] | None = None):
+                prepare_reference: Callable[[nn.Module], nn.Module] | None = None) -> PolicyAndReference:
     """Policy and reference on `accelerator.device` (or `device`, default CPU), in `plan`'s dtypes.
 
     The reference is loaded first and handed to `prepare_reference` (FSDP: shard it) before the
@@ -290,7 +299,7 @@ def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.devic
     if reference is not None and prepare_reference is not None:
         reference = prepare_reference(reference)
     policy = load_policy(cfg, dev, accelerator, plan)
-    unwrap = accelerator.unwrap_model if accelerator is not None else _follow_module
+    unwrap = accelerator.unwrap_model if accelerator is not None else follow_module
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in policy.parameters())
     log.info("policy %s: %d of %d parameters trainable (%s)", cfg.model.uri, n_train, n_all,

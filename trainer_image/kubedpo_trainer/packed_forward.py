@@ -19,9 +19,11 @@ from typing import Any
 
 import torch
 
+from .batch import PackedBatch
 from .data.packing import PROMPT
 from .forward import ForwardOutput, _innermost
 from .logprobs import token_logps
+from .models import PolicyAndReference
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -57,7 +59,8 @@ def _head_gathers(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor
     caller then gathers from the full logits instead.
     """
     inner = _innermost(model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if not isinstance(head, torch.nn.Module):
         yield False
         return
@@ -73,7 +76,7 @@ def _head_gathers(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor
         handle.remove()
 
 
-def packed_forward(model: torch.nn.Module, packed: dict[str, Any]) -> ForwardOutput:
+def packed_forward(model: torch.nn.Module, packed: PackedBatch) -> ForwardOutput:
     """Per-sequence log-probs of a packed micro-batch, in the padded forward's `ForwardOutput`."""
     device = next(model.parameters()).device
     input_ids = packed["input_ids"].to(device)  # (R, T)
@@ -96,7 +99,7 @@ def packed_forward(model: torch.nn.Module, packed: dict[str, Any]) -> ForwardOut
     return ForwardOutput(logps[:b], logps[b:], counts[:b], counts[b:], logits_sum[:b], logits_sum[b:])
 
 
-def packed_reference(models: Any, packed: dict[str, Any]) -> ForwardOutput | None:
+def packed_reference(models: PolicyAndReference, packed: PackedBatch) -> ForwardOutput | None:
     """The reference's packed forward (no grad, or the LoRA adapter disabled); None if reference-free."""
     if not models.has_reference:
         return None

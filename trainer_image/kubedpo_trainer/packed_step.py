@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .batch import Batch, PackedBatch
 from .data.packing import pack, rows_from_batch, split_by_budget, split_into
 from .forward import ForwardOutput, dpo_metrics, logit_totals
 from .losses import LossInputs, beta_at, compute_loss
@@ -38,13 +39,13 @@ def _cat(outs: list[ForwardOutput]) -> ForwardOutput:
     return ForwardOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in ForwardOutput.__dataclass_fields__))
 
 
-def micro_batches(trainer: Any, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def micro_batches(trainer: Any, batches: list[Batch]) -> list[PackedBatch]:
     """The step's stream batches as packed micro-batches, as many on every rank."""
     pk = trainer.cfg.training.packing
     rows = [r for b in batches for r in rows_from_batch(b)]
     chunks = split_by_budget(rows, pk.max_tokens, pk.share_prompt)
-    count = torch.tensor([len(chunks)], device=trainer.acc.device)
-    count = int(trainer.acc.reduce(count, reduction="max")) if trainer.world > 1 else len(chunks)
+    mine = torch.tensor([len(chunks)], device=trainer.acc.device)
+    count = int(trainer.acc.reduce(mine, reduction="max")) if trainer.world > 1 else len(chunks)
     chunks = split_into(rows, chunks, count, pk.share_prompt)
     row_tokens = pk.row_tokens or trainer.cfg.data.max_length
     tok = trainer.tokenizer
@@ -52,7 +53,7 @@ def micro_batches(trainer: Any, batches: list[dict[str, Any]]) -> list[dict[str,
     return [pack([rows[i] for i in c], pad, pk.share_prompt, row_tokens) for c in chunks]
 
 
-def train_step_packed(trainer: Any, batches: list[dict[str, Any]]) -> dict[str, float]:
+def train_step_packed(trainer: Any, batches: list[Batch]) -> dict[str, float]:
     """`Trainer.train_step` for packed micro-batches (same metrics, same optimizer/scheduler steps)."""
     t, acc, policy = trainer.cfg.training, trainer.acc, trainer.models.policy
     beta = beta_at(trainer.step, trainer.total_steps, t)
@@ -64,7 +65,7 @@ def train_step_packed(trainer: Any, batches: list[dict[str, Any]]) -> dict[str, 
         with contextlib.nullcontext() if last else acc.no_sync(policy):
             pol = packed_forward(policy, mb)
             with acc.autocast():  # the policy's forward is autocast by accelerate: match it
-                ref = (trainer.reference.logps(mb) if trainer.reference.table is not None
+                ref = (trainer.reference.lookup(mb) if trainer.reference.table is not None
                        else packed_reference(trainer.models, mb))
             out = compute_loss(t.loss, LossInputs.from_forward(pol, ref, mb), beta, t)
             w = mb["weight"].to(out.losses.device, out.losses.dtype)

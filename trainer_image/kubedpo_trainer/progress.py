@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import storage
-from .console import RichDisplay, resolve_log_format, summary_rows
+from .config import resolve_log_format
+from .console import RichDisplay, summary_rows
 from .curves import FILENAME as CURVES_FILENAME
 from .curves import render_png
 from .metrics import TrainerMetrics

@@ -10,9 +10,12 @@ pass and its cache (kept across attempts, epochs and rounds) are in reference_ca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+
+from .batch import Batch, PairFields
+from .losses import PairLogps
+from .models import PolicyAndReference
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,19 @@ def _row_key(row_id: str) -> str:
 class Reference:
     """`logps(batch)` for the loss, whichever way they are obtained."""
 
-    def __init__(self, models: Any, table: dict[str, tuple[float, float]] | None = None) -> None:
+    def __init__(self, models: PolicyAndReference, table: dict[str, tuple[float, float]] | None = None) -> None:
         self.models, self.table = models, table
 
-    def logps(self, batch: dict[str, Any]) -> Any:
+    def logps(self, batch: Batch) -> PairLogps | None:
+        """(B,) chosen and rejected reference log-probs; None for a reference-free loss."""
         if self.table is None:
             return self.models.reference_logps(batch)
+        return self.lookup(batch)
+
+    def lookup(self, batch: PairFields) -> ReferenceLogps:
+        """The precomputed log-probs of the batch's rows (any layout: only row ids are read)."""
+        if self.table is None:
+            raise RuntimeError("no precomputed reference log-probs (training.referenceLogps is live)")
         pairs = [self.table[_row_key(r)] for r in batch["row_ids"]]
         t = torch.tensor(pairs, dtype=torch.float32)
         return ReferenceLogps(t[:, 0], t[:, 1])

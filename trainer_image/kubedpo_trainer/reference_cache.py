@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
 from . import storage
 from .config import TrainerConfig
@@ -134,18 +134,60 @@ def _chunks(cfg: TrainerConfig, rows: list[TokenizedRow]) -> Iterator[list[Token
         yield [rows[i] for i in chunk]
 
 
-def _forward(cfg: TrainerConfig, acc: Accelerator, models: Any, rows: list[TokenizedRow], pad: int) -> Table:
-    pk, out = cfg.training.packing, {}
-    for chunk in _chunks(cfg, rows):
-        with acc.autocast():
-            if pk is None:
-                ref = models.reference_logps(collate(chunk, pad))
-            else:
-                with models.reference_context() as model:
-                    ref = packed_forward(model, pack(chunk, pad, pk.share_prompt, pk.row_tokens or cfg.data.max_length))
-        for r, c, j in zip(chunk, ref.chosen_logps.tolist(), ref.rejected_logps.tolist(), strict=True):
-            out[r.row_id] = (c, j)
-    return out
+def _forward(cfg: TrainerConfig, acc: Accelerator, models: Any, chunk: list[TokenizedRow], pad: int) -> Table:
+    """One reference forward over one micro-batch of rows."""
+    pk = cfg.training.packing
+    with acc.autocast():
+        if pk is None:
+            ref = models.reference_logps(collate(chunk, pad))
+        else:
+            with models.reference_context() as model:
+                ref = packed_forward(model, pack(chunk, pad, pk.share_prompt, pk.row_tokens or cfg.data.max_length))
+    return {r.row_id: (c, j) for r, c, j in zip(chunk, ref.chosen_logps.tolist(), ref.rejected_logps.tolist(),
+                                                strict=True)}
+
+
+def _pending_chunks(cfg: TrainerConfig, rows: Iterator[TokenizedRow], cached: Table,
+                    counts: dict[str, int]) -> Iterator[list[TokenizedRow]]:
+    """This rank's rows the cache lacks, as forward-sized micro-batches (a token budget under packing)."""
+    budget = cfg.training.packing.max_tokens if cfg.training.packing else None
+    pending: list[TokenizedRow] = []
+    tokens = 0
+    for row in rows:
+        if row.row_id in cached:
+            counts["reused"] += 1
+            continue
+        pending.append(row)
+        tokens += 2 * len(row.prompt_ids) + len(row.chosen_ids) + len(row.rejected_ids)
+        if (tokens >= budget) if budget else len(pending) >= cfg.training.batch_size:
+            yield from _chunks(cfg, pending)
+            pending, tokens = [], 0
+    if pending:
+        yield from _chunks(cfg, pending)
+
+
+def _in_lockstep(acc: Accelerator, chunks: Iterator[list[TokenizedRow]]) -> Iterator[tuple[list[TokenizedRow], bool]]:
+    """(chunk, real) with the same number of forwards on every rank.
+
+    A sharded (FSDP2) reference gathers its weights inside every forward, so a rank that runs one
+    forward fewer than its peers (its rows were cached, or its share is smaller) hangs them all. Each
+    round the ranks agree whether anyone still has work; one that has none repeats a forward that
+    is thrown away (its last chunk, or a one-token dummy row if it never had one). Without FSDP the
+    forwards are local and nothing is exchanged."""
+    if acc.distributed_type != DistributedType.FSDP:
+        yield from ((c, True) for c in chunks)
+        return
+    last: list[TokenizedRow] | None = None
+    while True:
+        chunk = next(chunks, None)
+        flag = torch.tensor([0.0 if chunk is None else 1.0], device=acc.device)
+        if acc.reduce(flag, reduction="sum").item() == 0:
+            return
+        if chunk is not None:
+            last = chunk
+            yield chunk, True
+        else:
+            yield (last or [TokenizedRow("padding", [0], [0], [0], 0.0, 0.0)]), False
 
 
 def _split_rows(cfg: TrainerConfig, acc: Accelerator, tokenizer: Any, uri: str, split: str) -> Iterator[TokenizedRow]:
@@ -162,7 +204,6 @@ def precompute(cfg: TrainerConfig, acc: Accelerator, models: Any, tokenizer: Any
     """The reference table for every train and eval row: read from the cache, the rest computed."""
     root = cache_root(cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    budget = cfg.training.packing.max_tokens if cfg.training.packing else None
     merged: Table = {}
     for split, uri in (("train", cfg.data.train), ("eval", cfg.data.eval)):
         if not uri:
@@ -170,28 +211,21 @@ def precompute(cfg: TrainerConfig, acc: Accelerator, models: Any, tokenizer: Any
         folder = key_folder(root, split, cache_key(cfg, uri)) if root else None
         cached = load_table(folder) if folder else {}
         writer = _PartWriter(folder)
-        pending: list[TokenizedRow] = []
-        reused = tokens = 0
-        for row in _split_rows(cfg, acc, tokenizer, uri, split):
-            if row.row_id in cached:
-                reused += 1
-                continue
-            pending.append(row)
-            tokens += 2 * len(row.prompt_ids) + len(row.chosen_ids) + len(row.rejected_ids)
-            if (tokens >= budget) if budget else len(pending) >= cfg.training.batch_size:
-                writer.add(_forward(cfg, acc, models, pending, pad))
-                pending, tokens = [], 0
-        if pending:
-            writer.add(_forward(cfg, acc, models, pending, pad))
+        counts = {"reused": 0}
+        chunks = _pending_chunks(cfg, _split_rows(cfg, acc, tokenizer, uri, split), cached, counts)
+        for chunk, real in _in_lockstep(acc, chunks):
+            out = _forward(cfg, acc, models, chunk, pad)
+            if real:
+                writer.add(out)
         writer.flush()
-        counts = gather_object([(reused, len(writer.written))])
+        totals = gather_object([(counts["reused"], len(writer.written))])
         new: Table = {}
         for part in gather_object([writer.written]):
             new.update(part)
         table = {**cached, **new}
         merged.update(table)
         log.info("reference log-probs for %s: %d rows reused from the cache, %d computed%s", uri,
-                 sum(c[0] for c in counts), sum(c[1] for c in counts), f" ({folder})" if folder else "")
+                 sum(c[0] for c in totals), sum(c[1] for c in totals), f" ({folder})" if folder else "")
         if folder and new and acc.is_main_process:
             _write(storage.join(folder, TABLE), table)  # one object for the next reader
             storage.write_bytes(storage.join(folder, "key.json"), json.dumps(cache_key(cfg, uri), indent=1).encode())

@@ -13,6 +13,7 @@ and shared by the loader, the background checkpoint uploader and s3transfer's th
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -134,7 +135,7 @@ class S3Client:
                 key += "/"
             return [(f"s3://{bucket}/{k}", size, etag) for k, size, etag in self._keys(bucket, key)]
 
-    def versions(self, uri: str) -> list[tuple[str, int, str]]:
+    def versions(self, uri: str) -> builtins.list[tuple[str, int, str]]:  # `list` is a method here
         """(uri, size, ETag) of the object `uri` itself, or of every object in the folder `uri`."""
         bucket, key = split(uri)
         folder = not key or key.endswith("/")

@@ -47,7 +47,7 @@ def load_sharded(model: nn.Module, optimizer: Any, path: Path) -> None:
     if not (path / ".metadata").exists():
         raise InputError(f"{path}: no .metadata: not a complete sharded (DCP) checkpoint")
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(**_OPTIONS))
-    state = {"model": model_sd, "optimizer": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}  # DCP loads into it in place
     try:
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))
     except (RuntimeError, ValueError, KeyError) as err:

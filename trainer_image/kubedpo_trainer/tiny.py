@@ -20,7 +20,10 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 CATEGORIES: dict[str, list[str]] = {
     "animal": ["cat", "dog", "horse", "mouse", "tiger", "eagle", "snake", "whale"],
@@ -55,7 +58,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str | Path):
+def build_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on the task vocabulary and save it as a transformers tokenizer.
 
     Returns the `PreTrainedTokenizerFast` (also written to `out_dir` with save_pretrained).
@@ -92,7 +95,7 @@ def build_model(
     num_kv_heads: int = 2,
     seed: int = 0,
     tie_word_embeddings: bool = False,
-):
+) -> LlamaForCausalLM:
     """A LlamaForCausalLM with seeded random weights, saved as safetensors in `out_dir`.
 
     Grouped-query attention (fewer KV heads) is on by default so the loaders see the same
@@ -145,7 +148,7 @@ def preference_rows(n: int, seed: int, fmt: Format = "standard") -> list[dict[st
     """`n` rows with pairwise distinct prompts (3 to 5 words each)."""
     rng = random.Random(seed)
     seen: set[tuple[str, ...]] = set()
-    rows = []
+    rows: list[dict[str, Any]] = []
     while len(rows) < n:
         words = _prompt_words(rng, rng.randint(3, 5))
         if words in seen:

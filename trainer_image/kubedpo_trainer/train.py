@@ -29,8 +29,8 @@ from transformers.utils import logging as hf_logging
 from . import checkpoint as ckpt
 from . import distributed as dist_cfg
 from . import storage
-from .config import TrainerConfig
-from .console import resolve_log_format
+from .batch import Batch
+from .config import TrainerConfig, resolve_log_format
 from .data.stream import PreferenceStream
 from .errors import InputError, Preempted
 from .evaluate import evaluate
@@ -97,8 +97,11 @@ class Trainer:
         rss_before = dist_cfg.host_rss_bytes()
         self.models = load_models(cfg, self.acc, plan=self.precision, prepare_reference=(
             (lambda m: dist_cfg.shard_reference(self.acc, m)) if self.fsdp else None))
+        # Under FSDP the precompute pass waits until the policy is sharded: LoRA's reference is the
+        # policy itself (adapter off), and ranks but 0 hold it on the meta device until then.
+        late_precompute = t.reference_logps == "precompute" and self.fsdp
         self.reference = (precompute(cfg, self.acc, self.models, self.tokenizer)
-                          if t.reference_logps == "precompute" else Reference(self.models))
+                          if t.reference_logps == "precompute" and not late_precompute else Reference(self.models))
         # FSDP1 flattens the parameters: the optimizer must see the wrapped model's. FSDP2 (and
         # DDP) take model and optimizer together: accelerate swaps in the sharded DTensor params.
         fsdp1 = self.fsdp and not self.acc.is_fsdp2
@@ -124,7 +127,13 @@ class Trainer:
             self.optimizer = self.acc.prepare(self.optimizer)
         else:
             self.models.policy, self.optimizer = self.acc.prepare(self.models.policy, self.optimizer)
+            if self.fsdp:
+                dist_cfg.rebind_optimizer(self.optimizer, self.models.policy)
         self.memory = self._memory_per_rank(rss_before)
+        if late_precompute:
+            self.reference = precompute(cfg, self.acc, self.models, self.tokenizer)
+        if self.fsdp and t.gradient_checkpointing:
+            log.info("activation checkpointing: %d layers", dist_cfg.checkpointed_layers(self.models.policy))
         self.writer = None
         if cfg.checkpoint.uri:
             self.writer = ckpt.CheckpointWriter(
@@ -155,7 +164,7 @@ class Trainer:
         if found is None:
             return
         uri, local, step = found.uri, found.local, found.step
-        state = json.loads((local / "trainer_state.json").read_text())
+        state = ckpt.load_json(local / ckpt.TRAINER_STATE)
         # Another world size is fine for the model (DDP: replicated; FSDP: DCP reshards on load); the
         # data stream refuses it unless the global batch is unchanged.
         old_world = state["world_size"]
@@ -166,24 +175,23 @@ class Trainer:
             load_sharded(self.models.policy, self.optimizer, local / ckpt.SHARDED_DIR)
         else:
             if found.has(ckpt.SHARDED_DIR):
-                raise InputError(f"{uri}: {ckpt.SHARDED_DIR}/ but no optimizer.pt: written under FSDP, "
+                raise InputError(f"{uri}: {ckpt.SHARDED_DIR}/ but no {ckpt.OPTIMIZER}: written under FSDP, "
                                  "resume it under FSDP")
             ckpt.load_trainable_state(model, local / ckpt.weights_file(model))
-            self.optimizer.load_state_dict(ckpt.load_torch(local / "optimizer.pt"))
-        self.scheduler.load_state_dict(ckpt.load_torch(local / "scheduler.pt"))
-        if (local / f"rng-rank{self.rank}.pt").exists():  # a rank new to this world size has none
-            ckpt.set_rng_state(ckpt.load_torch(local / f"rng-rank{self.rank}.pt"))
+            self.optimizer.load_state_dict(ckpt.load_torch(local / ckpt.OPTIMIZER))
+        self.scheduler.load_state_dict(ckpt.load_torch(local / ckpt.SCHEDULER))
+        if (local / ckpt.rng_file(self.rank)).exists():  # a rank new to this world size has none
+            ckpt.set_rng_state(ckpt.load_torch(local / ckpt.rng_file(self.rank)))
         # Every old rank's data state: with another world size, counters move to rank 0.
-        self.train_stream.load_state_dict(
-            [json.loads((local / f"data-rank{r}.json").read_text()) for r in range(old_world)])
+        self.train_stream.load_state_dict([ckpt.load_json(local / ckpt.data_file(r)) for r in range(old_world)])
         self.step = step
         log.info("resumed from %s (step %d)", uri, step)
 
     def _snapshot(self) -> ckpt.Snapshot:
         model = self.acc.unwrap_model(self.models.policy)
         files: dict[str, Any] = {
-            f"rng-rank{self.rank}.pt": _torch_writer(ckpt.rng_state()),
-            f"data-rank{self.rank}.json": _json_writer(self.train_stream.state_dict()),
+            ckpt.rng_file(self.rank): ckpt.torch_file(ckpt.rng_state()),
+            ckpt.data_file(self.rank): ckpt.json_file(self.train_stream.state_dict()),
         }
         # FSDP: every rank writes its own shards of weights and optimizer state (DCP, a collective
         # run by the writer on this thread); nothing is gathered.
@@ -194,9 +202,9 @@ class Trainer:
             if not self.fsdp:
                 weights = ckpt.trainable_state(model)
                 files[ckpt.weights_file(model)] = lambda p: ckpt.save_trainable_state(weights, p)
-                files["optimizer.pt"] = _torch_writer(self.optimizer.state_dict())
-            files["scheduler.pt"] = _torch_writer(self.scheduler.state_dict())
-            files["trainer_state.json"] = _json_writer(
+                files[ckpt.OPTIMIZER] = ckpt.torch_file(self.optimizer.state_dict())
+            files[ckpt.SCHEDULER] = ckpt.torch_file(self.scheduler.state_dict())
+            files[ckpt.TRAINER_STATE] = ckpt.json_file(
                 {"step": self.step, "world_size": self.world, "total_steps": self.total_steps}
             )
         return ckpt.Snapshot(self.step, self.rank, files)
@@ -227,7 +235,7 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float] | None:
+    def train_step(self, batches: list[Batch]) -> dict[str, float] | None:
         """One optimizer step over `gradientAccumulationSteps` micro-batches; None when skipped.
 
         A group with no real row on any rank (only the weight-0 padding onBadRecord=skip leaves
@@ -271,8 +279,8 @@ class Trainer:
     def _clip(self) -> float:
         max_norm = self.cfg.training.max_grad_norm
         if max_norm is None:
-            params = [p for p in self.models.policy.parameters() if p.grad is not None]
-            return float(torch.linalg.vector_norm(torch.stack([_full(p.grad.norm()) for p in params])))
+            grads = [p.grad for p in self.models.policy.parameters() if p.grad is not None]
+            return float(torch.linalg.vector_norm(torch.stack([_full(g.norm()) for g in grads])))
         return float(_full(self.acc.clip_grad_norm_(self.models.policy.parameters(), max_norm)))
 
     def _mean_over_ranks(self, sums: dict[str, float], pairs: float,
@@ -468,11 +476,3 @@ def peak_memory_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _torch_writer(obj: Any):
-    return lambda path: torch.save(obj, path)
-
-
-def _json_writer(obj: Any):
-    return lambda path: Path(path).write_text(json.dumps(obj))

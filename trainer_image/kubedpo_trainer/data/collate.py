@@ -8,15 +8,14 @@ longest sequence of this batch, not maxLength, so short batches cost less.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from ..batch import Batch
 from .tokenize import TokenizedRow
 
 
-def collate(rows: list[TokenizedRow], pad_id: int) -> dict[str, Any]:
-    """The batch contract of the forward (see the project's batch contract in train/forward)."""
+def collate(rows: list[TokenizedRow], pad_id: int) -> Batch:
+    """The (2B, T) batch of `rows`: see `Batch` for the contract."""
     if not rows:
         raise ValueError("collate needs at least one row")
     seqs = [r.prompt_ids + r.chosen_ids for r in rows] + [r.prompt_ids + r.rejected_ids for r in rows]

@@ -152,16 +152,16 @@ class IndexStore:
         manifest = self._manifest_uri(shards)
         if storage.exists(manifest):
             data = json.loads(storage.read_bytes(manifest))
-            entries = [ShardIndex.from_json(s, d) for s, d in zip(shards, data["entries"], strict=True)]
-            if all(e is not None for e in entries):
-                return [e for e in entries if e is not None]
+            cached = [ShardIndex.from_json(s, d) for s, d in zip(shards, data["entries"], strict=True)]
+            if all(e is not None for e in cached):
+                return [e for e in cached if e is not None]
         mine = [s for i, s in enumerate(shards) if i in _share(shards, rank, world)]
         with ThreadPoolExecutor(max(1, threads)) as pool:
             list(pool.map(lambda s: self.load(s) or self.build(s), mine))
         barrier()
         with ThreadPoolExecutor(max(1, threads)) as pool:
             found = list(pool.map(self.load, shards))
-        entries = [e or self.build(s) for s, e in zip(shards, found, strict=True)]
+        entries = [e if e is not None else self.build(s) for s, e in zip(shards, found, strict=True)]
         if rank == 0:
             storage.write_bytes(manifest, json.dumps({"entries": [e.to_json() for e in entries]}).encode())
         barrier()
@@ -229,7 +229,7 @@ def _scan_lines(shard: Shard) -> tuple[int, list[list[int]], np.ndarray]:
     check_first = shard.kind == "jsonl" and shard.uri.lower().endswith(".json")
     for chunk in [*_chunks(shard), None]:
         final = chunk is None
-        data = carry if final else carry + chunk
+        data = carry if chunk is None else carry + chunk
         buf = np.frombuffer(data, dtype=np.uint8)
         ends = np.flatnonzero(buf == 10) + 1
         if final and len(data) and (not len(ends) or ends[-1] < len(data)):

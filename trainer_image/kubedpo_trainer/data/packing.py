@@ -22,17 +22,17 @@ rows stay short so a dense-mask attention kernel (CPU, SDPA) pays O(row^2), not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from ..batch import Batch, PackedBatch
 from .tokenize import TokenizedRow
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 PAD_SEGMENT = -1
 
 
-def rows_from_batch(batch: dict[str, Any]) -> list[TokenizedRow]:
+def rows_from_batch(batch: Batch) -> list[TokenizedRow]:
     """The pairs of a collated (2B, T) batch (the collate contract), back as token lists.
 
     Packing sits on top of whatever the stream yields, so it reads the batch contract rather
@@ -129,7 +129,7 @@ def _first_fit(units: list[_Unit], cap: int) -> list[list[_Unit]]:
     return bins
 
 
-def pack(rows: list[TokenizedRow], pad_id: int, share_prompt: bool, row_tokens: int) -> dict[str, Any]:
+def pack(rows: list[TokenizedRow], pad_id: int, share_prompt: bool, row_tokens: int) -> PackedBatch:
     """The packed micro-batch of `rows` (the contract of `packed_forward.packed_forward`).
 
     Keys: input_ids, position_ids, segment, part (R, T) long; gather plan `tgt_row`, `src_pos`,

@@ -49,6 +49,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..batch import Batch
 from ..config import DataConfig
 from ..errors import InputError
 from .collate import collate
@@ -74,7 +75,7 @@ def default_index_uri() -> str:
 class Group:
     """`gradientAccumulationSteps` batches forming one optimizer step."""
 
-    batches: list[dict[str, Any]]
+    batches: list[Batch]
     wait_seconds: float  # time the training thread waited for them: kubedpo_data_wait_seconds
 
 
@@ -154,7 +155,7 @@ class PreferenceStream:
     @property
     def stats(self) -> DataStats:
         """Totals up to the last batch the trainer consumed (rows read ahead are not counted yet)."""
-        return DataStats(**self._consumed_stats)
+        return DataStats.from_totals(self._consumed_stats)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position of the last consumed global batch (data_state of a checkpoint)."""
@@ -253,7 +254,7 @@ class PreferenceStream:
             stats.add(bad_records=1)
             return None
 
-    def _micro_batch(self, rows: list[RawRow], epoch: int, stats: DataStats) -> dict[str, Any]:
+    def _micro_batch(self, rows: list[RawRow], epoch: int, stats: DataStats) -> Batch:
         toks = [(r, self._tokenize(r, stats)) for r in rows]
         good = [t for _, t in toks if t is not None]
         source = [r for r, t in toks if t is not None]
@@ -277,7 +278,7 @@ class PreferenceStream:
 
     # --- what the loop calls ----------------------------------------------------------------
 
-    def _train_groups(self, epoch: int, step: int, stats: DataStats) -> Iterator[tuple[list[dict[str, Any]], int, int, dict]]:
+    def _train_groups(self, epoch: int, step: int, stats: DataStats) -> Iterator[tuple[list[Batch], int, int, dict[str, int]]]:
         """(micro-batches of one global batch, epoch and steps after it, stats after it), forever."""
         per_epoch = self.steps_per_epoch()
         if per_epoch < 1:
@@ -304,7 +305,7 @@ class PreferenceStream:
         self._ready()
         q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        epoch, step, stats = self._epoch, self._steps, DataStats(**self._consumed_stats)
+        epoch, step, stats = self._epoch, self._steps, DataStats.from_totals(self._consumed_stats)
         if step >= self.steps_per_epoch():
             epoch, step = epoch + 1, 0
 
@@ -339,7 +340,7 @@ class PreferenceStream:
             stop.set()
             thread.join(timeout=1.0)  # it stops at its next put; never wait on a slow read
 
-    def eval_batches(self, device: Any = None) -> Iterator[dict[str, Any]]:
+    def eval_batches(self, device: Any = None) -> Iterator[Batch]:
         """Every eval row of this rank once, in file order (row g goes to rank g % world), last
         partial batch kept.
 

@@ -18,6 +18,7 @@ added, as TRL).
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,12 @@ class DataStats:
     truncated_prompts: int = 0  # prompts cut to maxPromptLength
     truncated_responses: int = 0  # responses (chosen and rejected counted apart) cut to maxLength
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @classmethod
+    def from_totals(cls, totals: Mapping[str, int]) -> DataStats:
+        """Stats continuing from `totals()` (a checkpoint's or the consumed position's)."""
+        return cls(rows=totals["rows"], bad_records=totals["bad_records"],
+                   truncated_prompts=totals["truncated_prompts"], truncated_responses=totals["truncated_responses"])
 
     def totals(self) -> dict[str, int]:
         with self._lock:

@@ -31,6 +31,10 @@
   value: {{ .Values.trainer.runAsUser | quote }}
 - name: KUBEDPO_SHM_SIZE_LIMIT
   value: {{ .Values.trainer.shmSizeLimit | quote }}
+- name: KUBEDPO_NETWORK_POLICY
+  value: {{ .Values.networkPolicy.enabled | quote }}
+- name: KUBEDPO_NETWORK_POLICY_METRICS_FROM
+  value: {{ include "kubedpo.networkPolicy.metricsFrom" . | quote }}
 - name: POD_ID
   valueFrom:
     fieldRef:
@@ -38,4 +42,10 @@
 {{- with .Values.operator.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* Peers allowed to reach trainer metrics: this chart's operator pods, plus networkPolicy.metricsFrom. */}}
+{{- define "kubedpo.networkPolicy.metricsFrom" -}}
+{{- $operator := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (fromYaml (include "kubedpo.selectorLabels" (list . "operator")))) -}}
+{{- prepend .Values.networkPolicy.metricsFrom $operator | toJson -}}
 {{- end }}

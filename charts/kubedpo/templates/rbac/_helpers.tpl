@@ -32,6 +32,12 @@
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list]
+{{- if .Values.networkPolicy.enabled }}
+# One NetworkPolicy per attempt (netpol.py), created before its Job and deleted with it.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, delete]
+{{- end }}
 {{- if and .Values.peering.enabled (not (include "kubedpo.clusterwide" .)) }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
