@@ -12,7 +12,9 @@ path contains `path_contains`):
 - `drop_after(nbytes)`: forward, send the headers and `nbytes` of the body, then close the
   connection (the client sees an IncompleteRead mid-body);
 - `drop_request()`: read the request, then close without answering (upload fault);
-- `slow(bytes_per_s)`: forward the body at a throttled rate.
+- `slow(bytes_per_s)`: forward the body at a throttled rate;
+- `stall_after(nbytes)`: forward, send the headers and `nbytes` of the body, then send nothing
+  more while keeping the connection open (a hung store; ends when the proxy stops).
 
 Threads are daemons, the server stops on `stop()`, on context exit, or by itself after
 `max_lifetime` seconds, so a forgotten proxy never outlives its test session for long.
@@ -38,7 +40,7 @@ CHUNK = 64 * 1024
 
 @dataclass
 class Fault:
-    kind: str  # status | drop_after | drop_request | slow
+    kind: str  # status | drop_after | drop_request | slow | stall_after
     count: int
     methods: tuple[str, ...]
     path_contains: str = ""
@@ -56,6 +58,7 @@ class FaultProxy:
         self.upstream_host, self.upstream_port = u.hostname or "127.0.0.1", u.port or 80
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
+        self._stopped = threading.Event()  # releases stalled bodies
         self.requests: Counter[str] = Counter()  # method -> requests seen
         self.injected: Counter[str] = Counter()  # fault kind -> times injected
         self.seen: Counter[tuple[str, str]] = Counter()  # (method, path without query) -> requests
@@ -87,6 +90,10 @@ class FaultProxy:
              path_contains: str = "") -> None:
         self._add("slow", count, methods, path_contains, bytes_per_s)
 
+    def stall_after(self, nbytes: int, count: int = 1, methods: tuple[str, ...] = ("GET",),
+                    path_contains: str = "") -> None:
+        self._add("stall_after", count, methods, path_contains, nbytes)
+
     def clear(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -115,6 +122,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         self._timer.cancel()
         self._server.shutdown()
         self._server.server_close()
@@ -191,11 +199,13 @@ class FaultProxy:
                 if body is not None:
                     self.wfile.write(body)
                     return
-                sent, limit = 0, fault.value if fault and fault.kind == "drop_after" else None
+                sent, limit = 0, fault.value if fault and fault.kind in ("drop_after", "stall_after") else None
                 while chunk := resp.read(CHUNK):
                     if limit is not None and sent + len(chunk) >= limit:
                         self.wfile.write(chunk[: limit - sent])
                         self.wfile.flush()
+                        if fault is not None and fault.kind == "stall_after":
+                            proxy._stopped.wait()
                         self._close_upstream()
                         return self._abort()
                     self.wfile.write(chunk)

@@ -231,20 +231,33 @@ def test_sigterm_checkpoints_exits_75_and_restart_continues(s3, s3_task, tmp_pat
     assert min(again.rows_by_step()) == stopped + 1 and max(again.rows_by_step()) == 30
 
 
-def test_cut_off_checkpoint_is_never_resumed(s3, s3_task, tmp_path: Path) -> None:
+def test_cut_off_or_damaged_checkpoint_is_never_resumed(s3, s3_task, tmp_path: Path) -> None:
+    """Issue 4 (cut off: no COMPLETE) and issue 10 (damaged after COMPLETE): the restart skips
+    both, with a warning naming each, and resumes from the newest checkpoint that verifies."""
     env = s3.env()
     cfg = _cfg(s3_task, s3, "cut", maxSteps=20)
     cfg["checkpoint"]["everySteps"] = 5
     cfg["checkpoint"]["keepLast"] = 5
     assert Launch(cfg, tmp_path / "a", env).wait() == 0
+    client, prefix = s3.client(), "runs/cut/ckpt/"
     # Simulate a pod killed while uploading step 20: every file there but the marker.
-    s3.client().delete_object(Bucket=s3.bucket, Key="runs/cut/ckpt/step-000020/COMPLETE")
-    s3.client().delete_object(Bucket=s3.bucket, Key="runs/cut/final/kubedpo_summary.json")
+    client.delete_object(Bucket=s3.bucket, Key=prefix + "step-000020/COMPLETE")
+    client.delete_object(Bucket=s3.bucket, Key="runs/cut/final/kubedpo_summary.json")
+    # Step 15: bytes flipped inside the tensor data (same size; resumed silently before manifests).
+    key = prefix + "step-000015/model.safetensors"
+    data = bytearray(client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+    data[-100:-96] = bytes(b ^ 0xFF for b in data[-100:-96])
+    client.put_object(Bucket=s3.bucket, Key=key, Body=bytes(data))
+    # Step 10: optimizer.pt deleted (failed every restart with a wrong message about FSDP before).
+    client.delete_object(Bucket=s3.bucket, Key=prefix + "step-000010/optimizer.pt")
     cfg["training"]["maxSteps"] = 22
     again = Launch(cfg, tmp_path / "b", env)
     assert again.wait() == 0, again.stderr()
-    assert "step-000015 (step 15)" in again.full_log()
-    assert min(again.rows_by_step()) == 16
+    log = again.full_log()
+    assert "step-000005 (step 5)" in log
+    assert "step-000015 fails verification, skipped: model.safetensors: SHA-256 differs" in log
+    assert "step-000010 fails verification, skipped: optimizer.pt: missing" in log
+    assert min(again.rows_by_step()) == 6
 
 
 def test_s3_faults_during_reads_and_checkpoint_uploads(s3, s3_task, fault_proxy, tmp_path: Path) -> None:
@@ -293,3 +306,56 @@ def test_bad_s3_input_exits_clearly_without_leaking_secrets(s3, s3_task, tmp_pat
     assert named.rstrip("/") in log
     assert "wrong-secret-value-123" not in log and env["AWS_SECRET_ACCESS_KEY"] not in log.replace(
         "wrong-secret-value-123", "")
+
+
+def _sigterm_and_time(run: Launch) -> tuple[int, float]:
+    t0 = time.monotonic()
+    os.kill(run.proc.pid, signal.SIGTERM)  # the kubelet signals the pod's PID 1: our launcher
+    code = run.wait(timeout=120)
+    return code, time.monotonic() - t0
+
+
+def _wait_until(cond, what: str, run: Launch, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert run.proc.poll() is None, run.stderr()
+        assert time.monotonic() < deadline, f"never {what}:\n{run.stderr()}"
+        time.sleep(0.05)
+
+
+GRACE = 10.0
+
+
+def test_sigterm_during_model_download_exits_75_within_grace(s3, s3_task, fault_proxy, tmp_path: Path) -> None:
+    """Issue 10: a SIGTERM before the loop (here: the model's weights hang mid-download) is a
+    preemption, exit 75 with a log line, not a crash counted against maxRestarts."""
+    fault_proxy.stall_after(1000, count=20, path_contains="/models/tiny/model.safetensors")
+    cfg = _cfg(s3_task, s3, "early", endpoint=fault_proxy.endpoint)
+    cfg["checkpoint"]["preemptionGraceSeconds"] = GRACE
+    run = Launch(cfg, tmp_path / "a", s3.env())
+    _wait_until(lambda: fault_proxy.injected["stall_after"] >= 1, "stalled the model download", run)
+    code, took = _sigterm_and_time(run)
+    assert code == EXIT_PREEMPTED, run.stderr()
+    assert took < GRACE, f"exited {took:.1f}s after SIGTERM, grace {GRACE}s"
+    assert "before training started" in run.stderr()
+
+
+def test_sigterm_with_a_stalled_data_read_exits_75_within_grace(s3, s3_task, fault_proxy, tmp_path: Path) -> None:
+    """Issue 10: the step cannot finish while a data read hangs; the stop still ends the process
+    with exit 75 inside preemptionGraceSeconds (without a checkpoint: the last complete one stays)."""
+    cfg = _cfg(s3_task, s3, "stalled", endpoint=fault_proxy.endpoint)
+    cfg["checkpoint"]["preemptionGraceSeconds"] = GRACE
+    run = Launch(cfg, tmp_path / "a", s3.env())
+    run.wait_for_step(2)
+    fault_proxy.stall_after(0, count=1000, path_contains="/data/train/")
+    _wait_until(lambda: fault_proxy.injected["stall_after"] >= 1, "stalled a data read", run)
+    # Buffered rows may carry the loop a few steps further: signal once it is really stuck.
+    last, since = run.steps_done(), time.monotonic()
+    while time.monotonic() - since < 3.0:
+        assert run.proc.poll() is None, run.stderr()
+        if run.steps_done() != last:
+            last, since = run.steps_done(), time.monotonic()
+        time.sleep(0.1)
+    code, took = _sigterm_and_time(run)
+    assert code == EXIT_PREEMPTED, run.stderr()
+    assert took < GRACE, f"exited {took:.1f}s after SIGTERM, grace {GRACE}s"

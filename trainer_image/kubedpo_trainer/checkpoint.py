@@ -8,13 +8,17 @@ Layout of one checkpoint (DESIGN.md):
                                                         shards of both (sharded_checkpoint.py, DCP)
         scheduler.pt, trainer_state.json                rank 0
         rng-rank<r>.pt, data-rank<r>.json              every rank (its RNG and exact stream position)
-        rank-<r>.done                                  rank r's files are all uploaded
-        COMPLETE                                       written last, by rank 0, after every rank-<r>.done
+        rank-<r>.done                                  rank r's files are all uploaded: their sizes and SHA-256
+        COMPLETE                                       written last, by rank 0, after every rank-<r>.done:
+                                                       the manifest of every file (checkpoint_manifest.py)
 
 Why markers instead of a collective barrier: uploads run in a background thread per rank, and
 a barrier from a background thread would interleave with the loop's own collectives. Rank 0's
 uploader instead waits until every rank's marker is visible, then writes COMPLETE. A checkpoint
-without COMPLETE (a pod killed mid-upload) is never resumed from.
+without COMPLETE (a pod killed mid-upload) is never resumed from, and one whose files no longer
+match COMPLETE's sizes and SHA-256 (truncated, deleted, overwritten) is skipped with a warning for
+the newest one that does (`newest_verified`). State files load with `torch.load(weights_only=True)`:
+whoever can write the checkpoint prefix must not be able to run code in the trainer.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import checkpoint_manifest as manifest
 from . import storage
 from .config import CHECKPOINT_STEP_PREFIX, checkpoint_step_name
 from .errors import InputError, StorageError
@@ -81,11 +86,6 @@ def json_file(obj: Any) -> Callable[[Path], None]:
     return write
 
 
-def load_torch(path: Path) -> Any:
-    """What `torch_file` wrote: optimizer/scheduler state dicts and RNG states (our own pickles)."""
-    return torch.load(path, weights_only=False)
-
-
 def load_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
@@ -114,6 +114,73 @@ def latest_complete(uri: str | None) -> int | None:
         return None
     steps = complete_steps(uri)
     return steps[-1] if steps else None
+
+
+# --- choosing what to resume from -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A checkpoint whose files match its COMPLETE manifest, downloaded to `local`."""
+
+    step: int
+    uri: str
+    local: Path
+    files: manifest.Files | None  # None: written before manifests (not verifiable, used as is)
+
+    def has(self, name: str) -> bool:
+        """Whether the checkpoint holds `name` (a file, or a folder such as `sharded`)."""
+        if self.files is None:
+            return (self.local / name).exists()
+        return name in self.files or any(f.startswith(name + "/") for f in self.files)
+
+
+def newest_verified(uri: str | None, scratch: Path) -> Verified | None:
+    """The newest complete checkpoint under `uri` whose files match its manifest.
+
+    A damaged one is skipped with a warning naming it and what is wrong, so a restart resumes
+    from the next older one instead of failing on every attempt. None: no checkpoint at all.
+    Every complete checkpoint damaged is an InputError listing them (never a silent fresh start
+    that would throw the run's progress away).
+    """
+    if not uri:
+        return None
+    skipped: list[str] = []
+    for step in reversed(complete_steps(uri)):
+        d = step_dir(uri, step)
+        try:
+            files = manifest.parse_complete(storage.read_bytes(storage.join(d, COMPLETE)), COMPLETE)
+            if files is not None:
+                manifest.check_listing(d, files)
+            local = storage.download_dir(d, scratch / checkpoint_step_name(step))
+            if files is None:
+                log.warning("checkpoint %s has no manifest (written by an older trainer): not verified", d)
+            else:
+                manifest.check_local(local, files)
+        except manifest.Damaged as err:
+            log.warning("checkpoint %s fails verification, skipped: %s", d, err)
+            skipped.append(f"{d}: {err}")
+            continue
+        if skipped:
+            log.warning("resuming from %s, the newest checkpoint that passes verification", d)
+        return Verified(step, d, local, files)
+    if skipped:
+        raise InputError(f"{uri}: no checkpoint passes verification ({'; '.join(skipped)}); "
+                         "delete the damaged ones to start over")
+    return None
+
+
+def load_torch(path: Path) -> Any:
+    """A torch.save'd state (optimizer, scheduler, RNG): tensors and plain containers only.
+
+    weights_only=True: unpickling arbitrary objects would let whoever can write the checkpoint
+    prefix run code here.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle's errors are many; all mean "not loadable safely"
+        raise InputError(f"{path.name}: not loadable as plain tensors and containers "
+                         f"(torch.load weights_only=True): {err}") from None
 
 
 # --- model weights: the trainable part only ------------------------------------------------
@@ -174,9 +241,11 @@ def rng_state() -> dict[str, Any]:
 
     import numpy as np
 
+    # numpy's state holds an ndarray: stored as a list of ints so weights_only=True loads it.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -190,7 +259,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -269,25 +339,30 @@ class CheckpointWriter:
 
     def _upload(self, step: int, local: Path) -> None:
         dest = step_dir(self.uri, step)
+        mine = manifest.digest_dir(local)  # hashed here, on the upload thread: the loop never waits
         storage.upload_dir(local, dest)
-        storage.write_bytes(storage.join(dest, done_marker(self.rank)), b"")
+        storage.write_bytes(storage.join(dest, done_marker(self.rank)), json.dumps(mine).encode())
         if self.rank == 0:
-            self._await_ranks(dest)
-            storage.write_bytes(storage.join(dest, COMPLETE), json.dumps({"step": step}).encode())
+            files = manifest.merge([mine, *self._await_ranks(dest)])
+            storage.write_bytes(storage.join(dest, COMPLETE), manifest.complete_record(step, files))
             log.info("checkpoint complete: %s", dest)
             if self.on_complete is not None:
                 self.on_complete(step)
             self._prune()
         shutil.rmtree(local, ignore_errors=True)
 
-    def _await_ranks(self, dest: str) -> None:
+    def _await_ranks(self, dest: str) -> list[manifest.Files]:
+        """Every other rank's file digests, read from its marker once it is there."""
         deadline = time.monotonic() + self.marker_timeout_s
+        parts = []
         for r in range(1, self.world_size):
             marker = storage.join(dest, done_marker(r))
             while not storage.exists(marker):
                 if time.monotonic() > deadline:
                     raise StorageError(f"{dest}: rank {r} never finished uploading its part")
                 time.sleep(0.1)
+            parts.append(json.loads(storage.read_bytes(marker)))
+        return parts
 
     def _prune(self) -> None:
         """Keep the newest keepLast complete checkpoints; drop older ones and dead partial uploads

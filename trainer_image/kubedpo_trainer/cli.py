@@ -77,9 +77,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             plan = LaunchPlan(args.nnodes, args.nproc_per_node, args.node_rank, args.master_addr,
                               args.master_port)
             return launch(plan, ["--config", args.config])
+        from .signals import StopRequest
+
+        stop = StopRequest(cfg.checkpoint.preemption_grace_seconds)
+        stop.install()  # first: a SIGTERM while torch loads or the model downloads exits 75 too
         from .train import Trainer  # torch is imported only when training
 
-        trainer = Trainer(cfg)  # if this raises, the error's traceback keeps it alive
+        trainer = Trainer(cfg, stop)  # if this raises, the error's traceback keeps it alive
         _KEEP_ALIVE.append(trainer)
         trainer.run()
         return 0

@@ -7,7 +7,7 @@ Exit codes of `kubedpo-trainer` (the contract with the operator):
 | 0  | training finished, output written | Succeeded |
 | 1  | anything unexpected (crash, S3 unreachable after retries, NCCL error) | gang restart, counts against `maxRestarts` |
 | 2  | configuration or input error (bad field, bad data row, missing bucket, wrong credentials) | Failed at once, never retried |
-| 75 | preempted (SIGTERM): a complete checkpoint was written before exit (EX_TEMPFAIL) | gang restart, NOT counted |
+| 75 | preempted (SIGTERM): a checkpoint was written before exit if one could be within `preemptionGraceSeconds` (before the first step, or with a read stalled, the restart resumes from the last complete one) (EX_TEMPFAIL) | gang restart, NOT counted |
 """
 
 from __future__ import annotations
@@ -57,6 +57,6 @@ class StorageError(KubeDPOError):
 
 
 class Preempted(KubeDPOError):
-    """SIGTERM arrived and a complete checkpoint was written; the restart is free."""
+    """SIGTERM arrived (a checkpoint was written if the loop was running); the restart is free."""
 
     exit_code = EXIT_PREEMPTED

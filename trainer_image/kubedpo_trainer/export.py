@@ -71,14 +71,6 @@ def save_merged(model: PeftModel, out: Path) -> None:
     del merged
 
 
-def _remove_marker(uri: str) -> None:
-    """A stale summary from an earlier attempt must not vouch for a half-written output."""
-    if storage.is_s3(uri):
-        storage.delete_prefix(uri)
-    else:
-        Path(uri.removeprefix("file://")).unlink(missing_ok=True)
-
-
 def export_final(
     model: nn.Module,
     tokenizer: Any,
@@ -99,7 +91,7 @@ def export_final(
         model = unwrap(model)
     out_uri = out_uri or cfg.output.uri
     marker = storage.join(out_uri, SUMMARY)
-    _remove_marker(marker)
+    storage.delete(marker)  # a stale summary from an earlier attempt must not vouch for a half-written output
     with tempfile.TemporaryDirectory(prefix="kubedpo-export-") as tmp:
         staging = Path(tmp)
         if is_peft(model):

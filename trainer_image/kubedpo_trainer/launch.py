@@ -60,18 +60,18 @@ def launch(plan: LaunchPlan, argv: Sequence[str], grace_s: float = 60.0, settle_
     SIGTERM, rank 0 would lose its exit 2 and the operator would retry a hopeless run.
     """
     cmd = [sys.executable, "-m", "kubedpo_trainer.cli", *argv]
-    procs = [
-        subprocess.Popen(cmd, env=worker_env(plan, r, dict(os.environ)))
-        for r in range(plan.nproc_per_node)
-    ]
+    procs: list[subprocess.Popen] = []
 
     def forward(signum: int, _frame: object) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # Before the workers start: a SIGTERM that arrives while they are spawned reaches them all.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for r in range(plan.nproc_per_node):
+        procs.append(subprocess.Popen(cmd, env=worker_env(plan, r, dict(os.environ))))
     codes: dict[int, int] = {}
     while len(codes) < len(procs):
         for i, p in enumerate(procs):

@@ -221,6 +221,12 @@ class S3Client:
             for f in futures:
                 f.result()
 
+    def delete(self, uri: str) -> None:
+        """Delete the one object `uri`; a missing one is not an error (S3 says 204 either way)."""
+        bucket, key = split(uri)
+        with self.errors(uri):
+            self.client.delete_object(Bucket=bucket, Key=key)
+
     def delete_prefix(self, uri: str) -> None:
         """Delete every object in the folder `uri` (1000 keys per request)."""
         bucket, key = split(uri)

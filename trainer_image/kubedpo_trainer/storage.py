@@ -199,6 +199,15 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     return target
 
 
+def delete(uri: str) -> None:
+    """Delete one object/file; a missing one is not an error. (`delete_prefix` would list
+    `uri + "/"` and so never remove the object `uri` itself.)"""
+    if is_s3(uri):
+        _Backend.s3.delete(uri)
+        return
+    _local(uri).unlink(missing_ok=True)
+
+
 def delete_prefix(uri: str) -> None:
     """Delete a folder/prefix and everything in it; a missing one is not an error."""
     if is_s3(uri):

@@ -52,9 +52,10 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainerConfig) -> None:
+    def __init__(self, cfg: TrainerConfig, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
-        self.stop = StopRequest()
+        # Usually installed by the CLI before torch is imported: a SIGTERM during start-up exits 75.
+        self.stop = stop or StopRequest(cfg.checkpoint.preemption_grace_seconds)
         self.step = 0
         self.skipped_steps = 0  # groups of padding rows only: no optimizer step, no training log
         self.tokens_total = 0.0
@@ -159,24 +160,23 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        root = self.cfg.checkpoint.uri
-        step = ckpt.latest_complete(root) if root else None
-        if root is None or step is None:
+        found = ckpt.newest_verified(self.cfg.checkpoint.uri, self._scratch("kubedpo-resume-"))
+        if found is None:
             return
-        uri = ckpt.step_dir(root, step)
-        local = storage.download_dir(uri, self._scratch("kubedpo-resume-") / "step")  # lock file stays inside
+        uri, local, step = found.uri, found.local, found.step
         state = ckpt.load_json(local / ckpt.TRAINER_STATE)
         # Another world size is fine for the model (DDP: replicated; FSDP: DCP reshards on load); the
         # data stream refuses it unless the global batch is unchanged.
         old_world = state["world_size"]
         model = self.acc.unwrap_model(self.models.policy)
         if self.fsdp:  # each rank reads the pieces of its own shards, whoever wrote them
-            if not (local / ckpt.SHARDED_DIR).is_dir():
+            if not found.has(ckpt.SHARDED_DIR):
                 raise InputError(f"{uri}: no {ckpt.SHARDED_DIR}/: written without FSDP, resume it without FSDP")
             load_sharded(self.models.policy, self.optimizer, local / ckpt.SHARDED_DIR)
         else:
-            if not (local / ckpt.OPTIMIZER).exists():
-                raise InputError(f"{uri}: no {ckpt.OPTIMIZER}: written under FSDP, resume it under FSDP")
+            if found.has(ckpt.SHARDED_DIR):
+                raise InputError(f"{uri}: {ckpt.SHARDED_DIR}/ but no {ckpt.OPTIMIZER}: written under FSDP, "
+                                 "resume it under FSDP")
             ckpt.load_trainable_state(model, local / ckpt.weights_file(model))
             self.optimizer.load_state_dict(ckpt.load_torch(local / ckpt.OPTIMIZER))
         self.scheduler.load_state_dict(ckpt.load_torch(local / ckpt.SCHEDULER))
@@ -314,6 +314,7 @@ class Trainer:
         return path
 
     def run(self) -> dict[str, Any]:
+        self.stop.install()
         try:
             return self._run()
         finally:
@@ -322,7 +323,7 @@ class Trainer:
 
     def _run(self) -> dict[str, Any]:
         self.setup()
-        self.stop.install()
+        self.stop.training_started()
         self.last_checkpoint_time = time.monotonic()
         t, c = self.cfg.training, self.cfg.checkpoint
         eval_start = self.evaluate() if (self.step == 0 and t.eval_on_start) else {}
