@@ -47,8 +47,10 @@ def test_padding_only_steps_neither_step_the_optimizer_nor_log(tiny, tmp_path: P
     bad_dir, good_dir = tmp_path / "bad-data", tmp_path / "good-data"
     bad_dir.mkdir()
     good_dir.mkdir()
-    (bad_dir / "part-0.jsonl").write_text(_rows(8, bad={1, 3, 5, 7}))
-    (good_dir / "part-0.jsonl").write_text("".join(_rows(8, set()).splitlines(keepends=True)[0::2]))
+    # The global order keeps each row's position (shuffleBuffer 1: file order), so the bad rows sit
+    # together at the end: steps 3 and 4 hold only their weight-0 padding on every rank.
+    (bad_dir / "part-0.jsonl").write_text(_rows(8, bad={4, 5, 6, 7}))
+    (good_dir / "part-0.jsonl").write_text("".join(_rows(8, set()).splitlines(keepends=True)[:4]))
     with_bad = _run(tiny, tmp_path / "with-bad", {"train": str(bad_dir), "onBadRecord": "skip"})
     good = _run(tiny, tmp_path / "good", {"train": str(good_dir)})
     assert [r["step"] for r in with_bad.train_logs()] == [1, 2]
