@@ -47,6 +47,13 @@ SETUPS: dict[str, dict[str, Any]] = {
 }
 
 
+def _clean_env() -> dict[str, str]:
+    """The probe measures the plain loader: settings that earlier in-process tests may leave in this
+    process's environment (accelerate/FSDP loading switches, the trainer's own) must not reach it."""
+    leaked = ("ACCELERATE_", "FSDP_", "KUBEDPO_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(leaked)}
+
+
 @pytest.mark.parametrize("name", list(SETUPS))
 def test_estimate_is_within_25_percent_of_measured_peak(model_dir: Path, tmp_path: Path, name: str) -> None:
     spec: dict[str, Any] = {"model": {"uri": str(model_dir), "dtype": "float32"},
@@ -58,7 +65,7 @@ def test_estimate_is_within_25_percent_of_measured_peak(model_dir: Path, tmp_pat
     path.write_text(yaml.safe_dump(spec))
     proc = subprocess.run([sys.executable, str(PROBE), str(path), str(BATCH), str(LENGTH)], capture_output=True,
                           text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
+                          env={**_clean_env(), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
