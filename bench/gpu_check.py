@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from bench_models import build_model
 
 BETA, LR, SEED = 0.1, 5e-7, 0
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -38,27 +39,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 
 
-# --- inputs, built here (self-contained: this script must run as is on a bare GPU machine) ------
-
-
-def build_model(out: Path, hidden: int, layers: int, vocab: int) -> Path:
-    """A seeded Llama (GQA, untied head) with the tiny task's tokenizer, saved to `out`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kubedpo_trainer.tiny import build_tokenizer
-
-    tok = build_tokenizer(out)
-    heads = max(1, hidden // 64)
-    config = LlamaConfig(
-        vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=(hidden * 8 // 3 + 63) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
-    )
-    torch.manual_seed(SEED)
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    return out
+# --- inputs, built here (runs as is on a bare GPU machine: only this folder and the project) -----
 
 
 def write_data(folder: Path, n: int, prompt_words: tuple[int, int]) -> str:
@@ -256,7 +237,7 @@ def main() -> None:
     hidden, layers, vocab, steps, batch, length, warmup = (
         (64, 2, 512, 4, 4, 64, 1) if args.smoke else (1024, 32, 49152, 30, 8, 512, 5))
     root = Path(tempfile.mkdtemp(prefix="kubedpo-gpucheck-"))
-    model = build_model(root / "model", hidden, layers, vocab)
+    model = build_model(root / "model", hidden, layers, vocab, SEED)
     n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
         str(model)).parameters())
     train = write_data(root / "data", max(1024, steps * batch), (3, 5) if args.smoke else (300, 400))

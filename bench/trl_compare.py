@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from bench_models import build_model
 
 LR, BETA, MAX_GRAD_NORM, SEED = 1e-4, 0.1, 1.0, 0
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -59,26 +60,6 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 
 
 # --- inputs: one model, three data variants ---------------------------------------------------
-
-
-def build_model(out: Path, hidden: int, layers: int, vocab: int) -> Path:
-    """A seeded Llama (GQA, untied head) with the tiny task's tokenizer, saved to `out`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kubedpo_trainer.tiny import build_tokenizer
-
-    tok = build_tokenizer(out)
-    heads = max(1, hidden // 64)
-    config = LlamaConfig(
-        vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=(hidden * 8 // 3 + 63) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
-    )
-    torch.manual_seed(SEED)
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    return out
 
 
 VARIANTS = {"short": ((3, 5), None), "spread": ((8, 120), (1, 60)), "longprompt": ((150, 400), (1, 30))}
@@ -353,7 +334,7 @@ def main() -> None:
           flush=True)
     for vocab in args.vocab:
         args_v = argparse.Namespace(**{**vars(args), "vocab": vocab})
-        model = build_model(root / f"model-{vocab}", args.hidden, args.layers, vocab)
+        model = build_model(root / f"model-{vocab}", args.hidden, args.layers, vocab, SEED)
         for variant in args.variants:
             for mode in args.trl_modes:
                 print(json.dumps(compare(variant, mode, args_v, root, model)), flush=True)
