@@ -32,32 +32,31 @@ MAX_ANNOTATIONS = 256 * 1024
 INT32_MAX = 2**31 - 1
 
 
-def dns1035_label(value: Any, where: str) -> list[Problem]:
-    if not isinstance(value, str) or len(value) > 63 or not DNS1035_LABEL.match(value):
-        return [(where, f"{value!r} must be a DNS-1035 label: at most 63 lower-case letters, digits or '-', "
-                        "starting with a letter and ending with a letter or digit")]
+def _pattern(value: Any, where: str, max_len: int, pattern: re.Pattern[str], rule: str) -> list[Problem]:
+    """The API server's shape checks: a string, at most `max_len` long, matching `pattern`."""
+    if not isinstance(value, str) or len(value) > max_len or not pattern.match(value):
+        return [(where, f"{value!r} must be {rule}")]
     return []
+
+
+def dns1035_label(value: Any, where: str) -> list[Problem]:
+    return _pattern(value, where, 63, DNS1035_LABEL, "a DNS-1035 label: at most 63 lower-case letters, "
+                    "digits or '-', starting with a letter and ending with a letter or digit")
 
 
 def dns1123_label(value: Any, where: str) -> list[Problem]:
-    if not isinstance(value, str) or len(value) > 63 or not DNS1123_LABEL.match(value):
-        return [(where, f"{value!r} must be a DNS-1123 label: at most 63 lower-case letters, digits or '-', "
-                        "starting and ending with a letter or digit")]
-    return []
+    return _pattern(value, where, 63, DNS1123_LABEL, "a DNS-1123 label: at most 63 lower-case letters, "
+                    "digits or '-', starting and ending with a letter or digit")
 
 
 def dns1123_subdomain(value: Any, where: str) -> list[Problem]:
-    if not isinstance(value, str) or len(value) > 253 or not DNS1123_SUBDOMAIN.match(value):
-        return [(where, f"{value!r} must be a DNS-1123 subdomain: lower-case letters, digits, '-' and '.', "
-                        "at most 253 characters, starting and ending with a letter or digit")]
-    return []
+    return _pattern(value, where, 253, DNS1123_SUBDOMAIN, "a DNS-1123 subdomain: lower-case letters, "
+                    "digits, '-' and '.', at most 253 characters, starting and ending with a letter or digit")
 
 
 def label_value(value: Any, where: str) -> list[Problem]:
-    if not isinstance(value, str) or len(value) > 63 or not LABEL_VALUE.match(value):
-        return [(where, f"{value!r} must be a valid label value: at most 63 characters, letters, digits, "
-                        "'-', '_' or '.', starting and ending with a letter or digit")]
-    return []
+    return _pattern(value, where, 63, LABEL_VALUE, "a valid label value: at most 63 characters, letters, "
+                    "digits, '-', '_' or '.', starting and ending with a letter or digit")
 
 
 def qualified_name(value: Any, where: str) -> list[Problem]:
