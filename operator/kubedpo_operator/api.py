@@ -11,7 +11,7 @@ children the API server accepts.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -20,6 +20,8 @@ from kubedpo_trainer.config import Schema, TrainerConfig, format_validation_erro
 from . import spec_rules
 from .k8s_openapi import CORE
 from .k8s_rules import DNS1035_LABEL, INT32_MAX
+
+SpecT = TypeVar("SpecT", bound=Schema)
 
 GROUP = "kubedpo.io"
 VERSION = "v1alpha1"
@@ -93,8 +95,8 @@ class PodOverrides(Schema):
         "only those the operator's settings allow.")
 
 
-class DPOJobSpec(TrainerConfig):
-    """What a user writes under `spec:`: the training run plus where and how to run it."""
+class ClusterFields(Schema):
+    """Where and how the pods run: shared by DPOJob and DPOPipeline (whose stages are DPOJobs)."""
 
     workers: int = Field(1, ge=1, le=1024, description="Pods in the gang (torch.distributed nodes).")
     gpus_per_worker: int = Field(
@@ -134,12 +136,20 @@ class DPOJobSpec(TrainerConfig):
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadlines, queueing.")
 
     @model_validator(mode="after")
-    def _cluster_rules(self) -> DPOJobSpec:
+    def _cluster_rules(self) -> ClusterFields:
         problems = spec_rules.spec_problems(self)
         if problems:
             field, message = problems[0]
             raise ValueError(f"{field}: {message}")
         return self
+
+
+# The trainer's sections first, then the cluster fields (the CRD lists properties in this order).
+CLUSTER_FIELDS = tuple(ClusterFields.model_fields)
+
+
+class DPOJobSpec(ClusterFields, TrainerConfig):
+    """What a user writes under `spec:`: the training run plus where and how to run it."""
 
     def trainer_config(self) -> TrainerConfig:
         """The resolved TrainerConfig (what goes into the ConfigMap): no cluster fields, no env."""
@@ -148,10 +158,15 @@ class DPOJobSpec(TrainerConfig):
 
 def parse_spec(spec: Any) -> DPOJobSpec:
     """Validate a manifest's spec; raise SpecError naming the first offending field."""
+    return validate_spec(DPOJobSpec, spec)
+
+
+def validate_spec(model: type[SpecT], spec: Any) -> SpecT:
+    """`model.model_validate(spec)`, with the first error as a SpecError naming its field."""
     if not isinstance(spec, dict):
         raise SpecError("spec", "expected a mapping")
     try:
-        return DPOJobSpec.model_validate(spec)
+        return model.model_validate(spec)
     except ValidationError as err:
         # "spec: training.beta: msg"; model validators report "<root>" and put the field first.
         first = format_validation_error(err, source="spec").splitlines()[0]

@@ -17,38 +17,18 @@ from typing import IO, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
 
+from .base_schema import Schema
 from .errors import ConfigError
+from .stage_config import TASKS, GenerateConfig, JudgeConfig, Task
 
-
-class Schema(BaseModel):
-    """Base of every spec model: camelCase aliases, unknown fields are errors, numbers finite.
-
-    allow_inf_nan=False: Kubernetes' JSON has no Infinity/NaN (the API server refuses them), and an
-    infinite duration or rate is always a mistake, whether written `.inf` in YAML or "inf".
-    """
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        allow_inf_nan=False,
-        use_enum_values=True,
-        validate_default=True,
-    )
-
-    def to_wire(self) -> dict[str, Any]:
-        """camelCase JSON-able dict without unset optionals, as it appears in a manifest."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+__all__ = ["Schema"]  # re-exported: every spec model derives from it
 
 
 class LossType(StrEnum):
@@ -355,6 +335,13 @@ class MetricsConfig(Schema):
 class TrainerConfig(Schema):
     """Everything `kubedpo-trainer --config FILE` needs; the operator writes it into a ConfigMap."""
 
+    task: Task = Field(
+        "dpo",
+        description=f"What the pods run: {', '.join(TASKS)}. dpo trains on preference pairs (a plain "
+        "DPOJob); sft, generate and judge are the stages a DPOPipeline runs as DPOJobs: sft trains "
+        "next-token cross-entropy on the responses (prompt tokens masked), generate samples responses "
+        "to data.train's prompts into output.uri, judge ranks them into preference pairs.",
+    )
     model: ModelConfig
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -362,9 +349,15 @@ class TrainerConfig(Schema):
     output: OutputConfig
     s3: S3Config = Field(default_factory=S3Config)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    generate: GenerateConfig | None = Field(None, description="Sampling settings of task generate.")
+    judge: JudgeConfig | None = Field(None, description="Judge settings of task judge.")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TrainerConfig:
+        if self.task == "generate" and self.generate is None:
+            raise ValueError("generate: required with task generate")
+        if self.task == "judge" and self.judge is None:
+            raise ValueError("judge: required with task judge")
         t = self.training
         if t.loss == LossType.simpo.value and self.model.reference_uri:
             raise ValueError("training.loss: simpo is reference-free; remove model.referenceUri")
