@@ -81,7 +81,17 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         stop = StopRequest(cfg.checkpoint.preemption_grace_seconds)
         stop.install()  # first: a SIGTERM while torch loads or the model downloads exits 75 too
-        from .train import Trainer  # torch is imported only when training
+        if cfg.task == "generate":
+            from .generate.task import run_generate
+
+            run_generate(cfg, stop)
+            return 0
+        if cfg.task == "judge":
+            from .judge.task import run_judge
+
+            run_judge(cfg, stop)
+            return 0
+        from .train import Trainer  # torch is imported only when training (dpo and sft)
 
         trainer = Trainer(cfg, stop)  # if this raises, the error's traceback keeps it alive
         _KEEP_ALIVE.append(trainer)

@@ -1,0 +1,1 @@
+"""Task generate: sample K responses per prompt from the current policy into completion shards."""

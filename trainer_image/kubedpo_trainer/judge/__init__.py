@@ -1,0 +1,1 @@
+"""Task judge: rank generated responses (LLM judge or reward model) into preference pairs and win rates."""
