@@ -47,7 +47,8 @@ def uri_problems(wire: dict[str, Any]) -> list[Problem]:
     """Credentials never go in a URI: it is copied to the ConfigMap, logs and status."""
     out = []
     for section, key in URI_FIELDS:
-        value = (wire.get(section) or {}).get(key)
+        node = wire.get(section)
+        value = node.get(key) if isinstance(node, dict) else None  # DPOPipeline: output is a string
         if isinstance(value, str) and (CREDENTIALS_IN_URI.match(value) or SIGNED_QUERY.search(value)):
             out.append((f"spec.{section}.{key}", "must not embed credentials (user:password@ or a signed "
                         "query): put them in a Secret and reference it with envFrom (e.g. "
