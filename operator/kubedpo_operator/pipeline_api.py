@@ -23,6 +23,7 @@ from kubedpo_trainer.config import (
     ModelConfig,
     S3Config,
     Schema,
+    StorageUri,
     TrainingConfig,
 )
 from kubedpo_trainer.stage_config import GenerateConfig, JudgeConfig
@@ -44,10 +45,10 @@ Stage = Literal["sft", "generate", "judge", "train", "evaluate", "done"]
 
 
 class PromptsConfig(Schema):
-    train: str = Field(..., min_length=1, description="Prompts of the generate stages: rows with a `prompt` "
+    train: StorageUri = Field(..., description="Prompts of the generate stages: rows with a `prompt` "
                        "(string or chat messages), as JSONL/JSONL.gz/Parquet shards; preference rows work too "
                        "(their prompt is used).")
-    held_out: str | None = Field(
+    held_out: StorageUri | None = Field(
         None, description="Held-out prompts: each round's policy answers them and the judge compares the "
         "answers with the initial policy's and the previous round's (status.results[].winRate*).")
     format: Literal["auto", "standard", "conversational"] = Field(
@@ -102,7 +103,7 @@ class DPOPipelineSpec(ClusterFields):
     max_prompt_length: int | None = Field(512, ge=1, description="Maximum prompt tokens (left-truncated).")
     checkpoint: PipelineCheckpoints = Field(default_factory=PipelineCheckpoints,
                                             description="Checkpoints of the training stages.")
-    output: str = Field(..., min_length=1, description="Root prefix of everything the pipeline writes "
+    output: StorageUri = Field(..., description="Root prefix of everything the pipeline writes "
                         "(s3:// or local): <output>/sft/, <output>/round-<r>/{generations,judge,model,ckpt}/, "
                         "<output>/final/, <output>/judge-cache/.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and retries.")
