@@ -71,11 +71,15 @@ def test_rows_k_responses_held_out_summary_and_result(tiny, tmp_path: Path) -> N
 
 def test_chat_prompts_rendered_with_the_template_and_greedy_repeats(tiny, tmp_path: Path) -> None:
     """Conversational prompts go through the chat template (generation prompt added); responses
-    hold no template tokens. Temperature 0 is greedy: the K responses of a prompt are equal."""
+    hold no template tokens. Temperature 0 is greedy: the K responses of a prompt are equal.
+    Under training.precision bf16-mixed (bf16 autocast; not run on a GPU here)."""
     train, _ = write_preference_task(tmp_path / "conv", 4, 1, fmt="conversational", shards=1)
     out = tmp_path / "gen"
-    run = run_trainer(gen_config(str(tiny.model_dir), train, str(out), temperature=0, maxPrompts=4), tmp_path)
+    cfg = gen_config(str(tiny.model_dir), train, str(out), temperature=0, maxPrompts=4)
+    cfg["training"] = {"precision": "bf16-mixed"}  # bf16 autocast, as on a GPU (CPU autocast here)
+    run = run_trainer(cfg, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "precision bf16-mixed" in run.stderr
     rows = [json.loads(x) for x in (out / "train" / "part-00000.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and isinstance(rows[0]["prompt"], list)
     for r in rows:
@@ -155,6 +159,12 @@ def test_sigkill_then_restart_recomputes_only_unfinished_units(tiny, tmp_path: P
                         tmp_path / "third")
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert parts(tmp_path / "gen" / "train") == parts(tmp_path / "whole" / "train")
+
+    # The same output with another spec: refused, naming what changed, nothing rewritten.
+    other = run_trainer(gen_config(str(tiny.model_dir), tiny.train_uri, str(tmp_path / "gen"),
+                                   **{**SLOW, "temperature": 0.5}), tmp_path / "fourth")
+    assert other.returncode == EXIT_CONFIG, other.stderr[-3000:]
+    assert "holds generations of another spec (generate.temperature: 1.0 -> 0.5)" in other.stderr
 
 
 def test_sigterm_exits_75_keeping_finished_parts(tiny, tmp_path: Path) -> None:

@@ -111,3 +111,17 @@ def test_metrics_names_the_operator_and_dashboards_read() -> None:
                  'kubedpo_generate_tokens_total{dpojob="job",namespace="ns",rank="0"} 700.0'):
         assert line in text
     assert "kubedpo_loss" not in text and "rewards" not in text  # no DPO series that would read as 0
+
+
+def test_spec_record_names_what_changed(tmp_path) -> None:
+    from kubedpo_trainer.errors import InputError
+    from kubedpo_trainer.generate.spec import check_spec
+
+    def cfg(**generate):
+        return parse_config({"task": "generate", "model": {"uri": "m"}, "data": {"train": "t"},
+                             "output": {"uri": str(tmp_path)}, "generate": generate})
+
+    check_spec(cfg(samplesPerPrompt=4))  # records
+    check_spec(cfg(samplesPerPrompt=4))  # same spec: fine
+    with pytest.raises(InputError, match=r"generate.maxPrompts: None -> 10; generate.samplesPerPrompt: 4 -> 2"):
+        check_spec(cfg(samplesPerPrompt=2, maxPrompts=10))
