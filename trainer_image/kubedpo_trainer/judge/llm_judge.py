@@ -48,14 +48,14 @@ class LLMJudge:
     def ask(self, requests: Sequence[Messages], tally: Tally) -> list[Answer | None]:
         """Answers in order: cached ones free, the rest asked once each (duplicates share)."""
         cache = self.cache
-        fp = cache.fp if cache else ""
+        fp = cache.fp if cache is not None else ""
         keys = [request_key(fp, m) for m in requests]
         found: dict[str, Answer | None] = {}
         todo: dict[str, Messages] = {}
         for key, messages in zip(keys, requests, strict=True):
             if key in found or key in todo:
                 continue
-            hit = cache.get(key) if cache else None
+            hit = cache.get(key) if cache is not None else None
             if hit is not None:
                 found[key] = Answer(**hit)
                 tally.on_cache_hit()

@@ -68,14 +68,14 @@ class RewardModelJudge:
     def scores(self, items: Sequence[tuple[Any, str]], tally: Tally) -> list[float]:
         """One reward per (prompt, response), cached, the rest in batches of `batchSize`."""
         cache = self.cache
-        fp = cache.fp if cache else ""
+        fp = cache.fp if cache is not None else ""
         keys = [request_key(fp, {"prompt": p, "response": r}) for p, r in items]
         found: dict[str, float] = {}
         todo: dict[str, str] = {}
         for key, (p, r) in zip(keys, items, strict=True):
             if key in found or key in todo:
                 continue
-            hit = cache.get(key) if cache else None
+            hit = cache.get(key) if cache is not None else None
             if hit is not None:
                 found[key] = float(hit)
                 tally.on_cache_hit()
