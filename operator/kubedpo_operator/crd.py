@@ -35,7 +35,7 @@ SECTION_DOCS = {
     "metrics": "Trainer metrics endpoint on rank 0 (read by the operator for status.progress).",
 }
 KEEP = ("type", "description", "default", "enum", "minimum", "maximum", "minLength", "maxLength",
-        "pattern", "minItems", "maxItems", "format")
+        "pattern", "minItems", "maxItems", "format", "x-kubernetes-list-type", "x-kubernetes-list-map-keys")
 IMMUTABLE = ("model", "data")
 # workers may change (the gang restarts, rescale.py), and with it the per-rank batch split, so that
 # the global batch batchSize x gradientAccumulationSteps x workers (which exact resume needs) can stay.
