@@ -219,8 +219,8 @@ class Progress(Schema):
     reward_accuracy: float | None = Field(None, description="Fraction of pairs with chosen reward > rejected.")
     reward_margin: float | None = Field(None, description="Mean chosen - rejected reward.")
     tokens_per_second: float | None = Field(
-        None, description="Tokens per second processed by rank 0 (the gang processes about this times the "
-        "number of ranks); read from rank 0's metrics like the rest of progress.")
+        None, description="Non-padding tokens per second processed by the whole job (all ranks) since the "
+        "current attempt started; rank 0 sums the ranks' counts at each logging step.")
     eta: str | None = Field(None, description="Estimated time left, e.g. 1h02m.")
     updated_at: str | None = Field(None, description="When these numbers were read from rank 0.")
 
