@@ -180,6 +180,19 @@ class S3Client:
             prefix = key.rstrip("/") + "/" if key else ""
             return bool(c.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0))
 
+    def bucket_exists(self, uri: str) -> bool:
+        """HeadBucket: False for a bucket that does not exist; access denied and the like raise."""
+        bucket, _ = split(uri)
+        c = self.client
+        with self.errors(uri):
+            try:
+                c.head_bucket(Bucket=bucket)
+                return True
+            except c.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
+                return False
+
     # --- writing -------------------------------------------------------------------------
 
     def put(self, uri: str, data: bytes) -> None:

@@ -167,6 +167,11 @@ def exists(uri: str) -> bool:
     return _local(uri).exists()
 
 
+def bucket_exists(uri: str) -> bool:
+    """Whether the bucket of the s3:// `uri` exists (HeadBucket); access denied is an InputError."""
+    return _Backend.s3.bucket_exists(uri)
+
+
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local folder to `uri` (a folder or prefix); S3 uploads files and parts in parallel."""
     if is_s3(uri):
