@@ -97,6 +97,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         from .train import Trainer  # torch is imported only when training (dpo and sft)
 
+        if cfg.task == "sft":
+            from .sft_train import SFTTrainer as Trainer
         trainer = Trainer(cfg, stop)  # if this raises, the error's traceback keeps it alive
         _KEEP_ALIVE.append(trainer)
         trainer.run()

@@ -359,6 +359,10 @@ class TrainerConfig(Schema):
         if self.task == "judge" and self.judge is None:
             raise ValueError("judge: required with task judge")
         t = self.training
+        if self.task == "sft" and t.packing is not None:
+            raise ValueError("training.packing: not supported with task sft (DPO pair packing); remove it")
+        if self.task == "sft" and t.reference_logps == "precompute":
+            raise ValueError("training.referenceLogps: task sft has no reference model; remove precompute")
         if t.loss == LossType.simpo.value and self.model.reference_uri:
             raise ValueError("training.loss: simpo is reference-free; remove model.referenceUri")
         if t.reference_logps == "precompute" and t.loss == LossType.simpo.value:

@@ -191,6 +191,12 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def load_frozen(uri: str, cfg: TrainerConfig, device: torch.device | str, dtype: torch.dtype,
+                accelerator: Any = None) -> nn.Module:
+    """A causal LM in eval mode with no gradients (task generate's policy): no LoRA, no reference."""
+    return freeze(_from_pretrained(uri, cfg, torch.device(device), accelerator, dtype))
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -289,7 +295,8 @@ class PolicyAndReference:
 
 def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.device | str | None = None,
                 plan: PrecisionPlan | None = None,
-                prepare_reference: Callable[[nn.Module], nn.Module] | None = None) -> PolicyAndReference:
+                prepare_reference: Callable[[nn.Module], nn.Module] | None = None,
+                with_reference: bool = True) -> PolicyAndReference:
     """Policy and reference on `accelerator.device` (or `device`, default CPU), in `plan`'s dtypes.
 
     The reference is loaded first and handed to `prepare_reference` (FSDP: shard it) before the
@@ -297,7 +304,7 @@ def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.devic
     """
     dev = torch.device(device if device is not None else (accelerator.device if accelerator else "cpu"))
     plan = plan or plan_precision(cfg.training.precision, cfg.model.dtype, dev)
-    reference = load_reference(cfg, dev, accelerator, plan)
+    reference = load_reference(cfg, dev, accelerator, plan) if with_reference else None
     if reference is not None and prepare_reference is not None:
         reference = prepare_reference(reference)
     policy = load_policy(cfg, dev, accelerator, plan)
