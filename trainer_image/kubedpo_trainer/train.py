@@ -87,12 +87,15 @@ class Trainer:
         set_seed(t.seed)
         if not sys.stderr.isatty() or resolve_log_format() == "rich":
             hf_logging.disable_progress_bar()  # pods get JSON lines; a terminal gets our one display
-        storage.configure(cfg.s3)
         self.metrics = TrainerMetrics(
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
             namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
             rank=self.rank,
         )
+        # Every retry advances kubedpo_s3_retries_total as it happens (s3transfer's threads, the export
+        # included), counting on from the CLI's start-up checks.
+        storage.configure(cfg.s3, keep_count=True,
+                          on_retry=lambda total: self.metrics.sync_counter("s3_retries", total))
         self.metrics.set({"attempt": int(os.environ.get("KUBEDPO_ATTEMPT", "0"))})  # gang restarts so far
         if self.rank == 0 and cfg.metrics.port:
             self.metrics_port = self.metrics.serve(cfg.metrics.port)
@@ -425,7 +428,6 @@ class Trainer:
         for key in ("bad_records", "truncated_prompts", "truncated_responses"):
             self.metrics.sync_counter(key, totals[key])
         self.metrics.sync_counter("job_tokens", self._sum_over_ranks(self.tokens_total))
-        self.metrics.sync_counter("s3_retries", storage.retry_count())
 
     def _record_rows(self, group: Any) -> None:
         """Opt-in audit log of trained row ids (KUBEDPO_ROW_LOG=dir): exactly-once evidence."""
