@@ -87,12 +87,15 @@ class Trainer:
         set_seed(t.seed)
         if not sys.stderr.isatty() or resolve_log_format() == "rich":
             hf_logging.disable_progress_bar()  # pods get JSON lines; a terminal gets our one display
-        storage.configure(cfg.s3)
         self.metrics = TrainerMetrics(
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
             namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
             rank=self.rank,
         )
+        # Every retry advances kubedpo_s3_retries_total as it happens (s3transfer's threads, the export
+        # included), counting on from the CLI's start-up checks.
+        storage.configure(cfg.s3, keep_count=True,
+                          on_retry=lambda total: self.metrics.sync_counter("s3_retries", total))
         self.metrics.set({"attempt": int(os.environ.get("KUBEDPO_ATTEMPT", "0"))})  # gang restarts so far
         if self.rank == 0 and cfg.metrics.port:
             self.metrics_port = self.metrics.serve(cfg.metrics.port)
@@ -426,7 +429,6 @@ class Trainer:
             self.metrics.sync_counter(key, totals[key])
         job_tokens = self._sum_over_ranks(self.tokens_total)
         self.metrics.sync_counter("job_tokens", job_tokens)
-        self.metrics.sync_counter("s3_retries", storage.retry_count())
         return job_tokens
 
     def _record_rows(self, group: Any) -> None:
