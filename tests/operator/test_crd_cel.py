@@ -20,10 +20,10 @@ import yaml
 from cel_expr_python import cel
 
 from kubedpo_operator.api import SpecError, parse_spec
-from tests.operator.test_crd import CRD_FILE
+from tests.operator.test_crd import CRD_FILE, DPOJOB_EXAMPLES
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = DPOJOB_EXAMPLES
 MISSING = object()
 ENV = cel.NewEnv(variables={"self": cel.Type.DYN, "oldSelf": cel.Type.DYN})
 
