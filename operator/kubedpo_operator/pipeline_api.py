@@ -172,6 +172,7 @@ class DPOPipelineStatus(Schema):
     stage: Stage | None = Field(None, description="sft, generate, judge, train, evaluate or done.")
     round: int | None = Field(None, description="Current round (0 during SFT).")
     rounds: int | None = Field(None, description="Rounds planned.")
+    round_of: str | None = Field(None, description="round/rounds as text, for kubectl get (e.g. 1/2).")
     current_job: str | None = Field(None, description="The DPOJob running the current stage.")
     stage_progress: StageProgress | None = Field(None, description="Progress of the current stage.")
     results: list[RoundResult] | None = Field(None, description="One entry per finished round.")
