@@ -56,6 +56,7 @@ class Trainer:
     # What the task trains on; SFTTrainer (sft_train.py) overrides both.
     row_kind: RowKind = "preference"
     uses_reference = True
+    unused_gauges: frozenset[str] = frozenset()  # exported only once set (metrics.TrainerMetrics)
 
     def __init__(self, cfg: TrainerConfig, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
@@ -92,6 +93,7 @@ class Trainer:
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
             namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
             rank=self.rank,
+            unused=self.unused_gauges,
         )
         self.metrics.set({"attempt": int(os.environ.get("KUBEDPO_ATTEMPT", "0"))})  # gang restarts so far
         if self.rank == 0 and cfg.metrics.port:
