@@ -88,13 +88,16 @@ class Trainer:
         set_seed(t.seed)
         if not sys.stderr.isatty() or resolve_log_format() == "rich":
             hf_logging.disable_progress_bar()  # pods get JSON lines; a terminal gets our one display
-        storage.configure(cfg.s3)
         self.metrics = TrainerMetrics(
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
             namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
             rank=self.rank,
             unused=self.unused_gauges,
         )
+        # Every retry advances kubedpo_s3_retries_total as it happens (s3transfer's threads, the export
+        # included), counting on from the CLI's start-up checks.
+        storage.configure(cfg.s3, keep_count=True,
+                          on_retry=lambda total: self.metrics.sync_counter("s3_retries", total))
         self.metrics.set({"attempt": int(os.environ.get("KUBEDPO_ATTEMPT", "0"))})  # gang restarts so far
         if self.rank == 0 and cfg.metrics.port:
             self.metrics_port = self.metrics.serve(cfg.metrics.port)
@@ -356,11 +359,11 @@ class Trainer:
             self._record_rows(group)
             stop, due = self._agree()
             if stepped is not None and (self.step % t.logging_steps == 0 or self.step == self.total_steps):
-                self._sync_counters()
+                job_tokens = self._sync_counters()
                 if self.memory_reader is not None:  # a collective, at the same steps on every rank
                     self.metrics.set_gpu_memory(max_over_ranks(self.memory_reader, self.acc.gather, self.acc.device))
                 self.log.train(self.step, values, epoch=self.train_stream.epoch_progress(),
-                               tokens_total=self.tokens_total)
+                               tokens_total=self.tokens_total, job_tokens_total=job_tokens)
             if t.eval_steps and self.step % t.eval_steps == 0:
                 eval_values = self.evaluate()
             if stop:
@@ -420,14 +423,15 @@ class Trainer:
         t = self.acc.reduce(t, reduction="sum")
         return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
-    def _sync_counters(self) -> None:
+    def _sync_counters(self) -> int:
         """Only rank 0 serves metrics, so its data counters carry the whole job's totals: every
-        rank calls this at each logging step (two small all-reduces)."""
+        rank calls this at each logging step (two small all-reduces). Returns the job's tokens."""
         totals = self._data_totals()
         for key in ("bad_records", "truncated_prompts", "truncated_responses"):
             self.metrics.sync_counter(key, totals[key])
-        self.metrics.sync_counter("job_tokens", self._sum_over_ranks(self.tokens_total))
-        self.metrics.sync_counter("s3_retries", storage.retry_count())
+        job_tokens = self._sum_over_ranks(self.tokens_total)
+        self.metrics.sync_counter("job_tokens", job_tokens)
+        return job_tokens
 
     def _record_rows(self, group: Any) -> None:
         """Opt-in audit log of trained row ids (KUBEDPO_ROW_LOG=dir): exactly-once evidence."""
