@@ -104,6 +104,9 @@ class _Generate:
                          GENERATIONS_HELDOUT: _parts(storage.join(cfg.output.uri, GENERATIONS_HELDOUT))}
         self.total_positions = sum(u.size for u in self.units)
         self.metrics.set(generate_prompts_total=self.total_positions, total_steps=self.total_positions)
+        if cfg.training.distributed.strategy == "fsdp":
+            log.warning("training.distributed.strategy fsdp: task generate holds the whole model on every "
+                        "rank (no sharding); the strategy applies to training tasks only")
         plan = plan_precision(cfg.training.precision, cfg.model.dtype, self.acc.device)
         model = load_frozen(cfg.model.uri, cfg, self.acc.device, plan.reference_dtype, self.acc)
         self.sampler = Sampler(model, self.tokenizer, self.acc.device, plan.autocast_dtype)
