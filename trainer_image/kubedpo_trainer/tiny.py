@@ -252,6 +252,36 @@ def write_preference_task(
     return str(out / "train"), str(out / "eval")
 
 
+@dataclass(frozen=True)
+class PipelineTask:
+    """The tiny task split for a DPOPipeline: SFT rows and two prompt sets, no prompt in two of them."""
+
+    sft_uri: str
+    prompts_uri: str
+    held_out_uri: str
+
+
+def write_pipeline_task(
+    out_dir: str | Path, n_sft: int = 512, n_prompts: int = 256, n_held_out: int = 128, seed: int = 0,
+    fmt: Format = "standard",
+) -> PipelineTask:
+    """out_dir/sft/ (preference rows: the SFT stage's targets are their chosen answers),
+    out_dir/prompts/train/ and out_dir/prompts/heldout/ (prompt-only rows `{"prompt": ...}`).
+
+    The held-out prompts are new word combinations, so a win rate on them measures the rule
+    learnt, not answers remembered.
+    """
+    if fmt == "implicit":
+        raise ValueError("fmt: prompts need an explicit prompt (standard or conversational)")
+    rows = preference_rows(n_sft + n_prompts + n_held_out, seed, fmt)
+    out = Path(out_dir)
+    _write_shards(rows[:n_sft], out / "sft", 2)
+    prompts = [{"prompt": r["prompt"]} for r in rows[n_sft:]]
+    _write_shards(prompts[:n_prompts], out / "prompts" / "train", 2)
+    _write_shards(prompts[n_prompts:], out / "prompts" / "heldout", 1)
+    return PipelineTask(str(out / "sft"), str(out / "prompts" / "train"), str(out / "prompts" / "heldout"))
+
+
 def build_all(
     root: str | Path, n_train: int = 2048, n_eval: int = 256, fmt: Format = "standard", seed: int = 0
 ) -> TinyArtifacts:
