@@ -285,3 +285,59 @@ def test_two_ranks_share_the_units_and_rank_0_sums_them(tmp_path: Path, monkeypa
     result = read_result(result_file)
     assert result is not None and result["prompts"] == 12 and result["pairs"] == 12
     assert result["requests"] == 12 * PAIRWISE_PER_PROMPT
+
+
+def test_bad_generation_rows_and_compares_name_the_file_or_field(judge_server: TinyJudge, tmp_path: Path) -> None:
+    from kubedpo_trainer.errors import InputError
+
+    gen = tmp_path / "gen" / "train"
+    gen.mkdir(parents=True)
+    row = tiny_generations(1)[0]
+    (gen / "part-00000.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "responses": "one"}) + "\n")
+    cfg = judge_config(str(tmp_path / "out"), {"kind": "llm", "llm": llm(judge_server.url),
+                                               "generations": str(tmp_path / "gen")})
+    with pytest.raises(InputError, match=r"part-00000.jsonl:2: responses: expected a list of strings"):
+        run_task(cfg)
+    other = tmp_path / "other"
+    write_generations(str(other), [[dict(tiny_generations(1, seed=99)[0], responses=[" x"])]], split="heldout")
+    write_generations(str(tmp_path / "gen"), [[row]], split="heldout")
+    cfg = judge_config(str(tmp_path / "out2"), {"kind": "llm", "llm": llm(judge_server.url),
+                                                "compare": {"vsOther": [str(tmp_path / "gen"), str(other)]}})
+    with pytest.raises(InputError, match=r"judge.compare.vsOther: no prompt id in both"):
+        run_task(cfg)
+
+
+def test_standalone_judge_process_with_control_endpoints() -> None:
+    import urllib.request
+
+    from tests.support.seaweed import free_ports
+
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.judge_server", "--port", str(port),
+                             "--fail", "500:1"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline()) == {"url": f"http://127.0.0.1:{port}/v1"}
+        base = f"http://127.0.0.1:{port}"
+
+        def post(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            req = urllib.request.Request(base + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        msg = {"model": "m", "messages": [{"role": "user", "content": "[User Question]\nWords: cat dog.\n\n"
+               "[The Start of the Assistant's Answer]\nanimal\n[The End of the Assistant's Answer]"}]}
+        assert post("/v1/chat/completions", msg)[0] == 500  # --fail 500:1
+        status, body = post("/v1/chat/completions", msg)
+        assert status == 200 and body["choices"][0]["message"]["content"].endswith("Rating: [[10]]")
+        assert post("/control/fail", {"kind": "429", "count": 1, "retryAfter": "3"}) == (200, {"ok": True})
+        assert post("/v1/chat/completions", msg)[0] == 429
+        with urllib.request.urlopen(base + "/control/stats", timeout=10) as r:
+            stats = json.loads(r.read())
+        assert stats["requests"] == 3 and stats["byKind"] == {"500": 1, "ok": 1, "429": 1}
+    finally:
+        proc.terminate()
+        proc.wait(10)
