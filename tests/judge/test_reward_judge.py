@@ -84,3 +84,19 @@ def test_a_model_that_is_not_a_reward_model_is_refused(tiny: Any, tmp_path: Path
         (two / f.name).write_bytes(f.read_bytes())
     with pytest.raises(InputError, match="has 2 labels; a reward model has exactly one"):
         run(judge_config(str(tmp_path / "out"), rm_judge(two, "unused")))
+
+
+def test_reward_model_from_seaweedfs(tiny_reward_model: Path, s3: Any, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """s3:// goes through the trainer's model loading (downloaded once into KUBEDPO_CACHE_DIR)."""
+    from kubedpo_trainer import storage
+
+    monkeypatch.setenv("KUBEDPO_CACHE_DIR", str(tmp_path / "model-cache"))
+    storage.upload_dir(tiny_reward_model, s3.uri("models/rm/"))
+    rows = tiny_generations(6, seed=13)
+    write_generations(s3.uri("gen"), [rows])
+    cfg = judge_config(s3.uri("judge/"), rm_judge(s3.uri("models/rm/"), s3.uri("gen/")),
+                       s3={"endpointUrl": s3.endpoint})
+    _, result = run(cfg)
+    assert result["pairs"] == 6 and result["requests"] == 6 * 3
+    assert any((tmp_path / "model-cache").rglob("model.safetensors"))
