@@ -347,9 +347,10 @@ async def on_tick(*, body: kopf.Body, name: str, namespace: str | None, memo: ko
     except SpecError:
         return
     if status.get("phase") in FINISHED_PHASES:
-        if ttl_expired(status, spec.run_policy, datetime.now(UTC)):
-            await asyncio.to_thread(memo.kube.delete_dpojob, namespace, name)
-            memo.metrics.observe_phase(namespace, name, None)
+        with memo.metrics.timed("ttl"):  # also shows that finished jobs' timers run (and cost nothing)
+            if ttl_expired(status, spec.run_policy, datetime.now(UTC)):
+                await asyncio.to_thread(memo.kube.delete_dpojob, namespace, name)
+                memo.metrics.observe_phase(namespace, name, None)
         return
     if not status.get("phase"):
         return
