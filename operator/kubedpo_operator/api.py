@@ -246,6 +246,9 @@ class DPOJobStatus(Schema):
     progress: Progress | None = Field(None, description="Training progress read from rank 0's metrics.")
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest checkpoint reported by rank 0.")
     output_uri: str | None = Field(None, description="Where the final model is (set on success).")
+    result: dict[str, Any] | None = Field(
+        None, description="What the task reported on success (rank 0's termination message): counts, "
+        "rates and URIs, e.g. pairs and winRates of a judge stage; at most 4096 bytes, finite numbers only.")
     current_job: str | None = Field(None, description="The current attempt's Job, once kubedpo created it "
                                     "(a Job missing after that was deleted outside kubedpo: a failed attempt).")
     observed_generation: int | None = Field(None, description="metadata.generation last acted upon.")

@@ -1,9 +1,11 @@
 """`kubedpo`: the operator, the CRD generator and offline manifest checks.
 
     kubedpo crd > crds/kubedpo.io_dpojobs.yaml   # the CRD, generated from api.py
+    kubedpo crd --kind DPOPipeline                # the DPOPipeline CRD, from pipeline_api.py
     kubedpo validate examples/tiny-cpu.yaml       # the CRD schema, the operator's checks and its children's
     kubedpo plan examples/multinode-full.yaml     # per-GPU memory estimate; what to change if it won't fit
     kubedpo operator                              # run the kopf operator (in-cluster or kubeconfig)
+    kubedpo pipeline run examples/iterative-pipeline.yaml   # a DPOPipeline's stages on this machine
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ import yaml
 from .api import KIND, SpecError, parse_spec
 
 
-def cmd_crd(_: argparse.Namespace) -> int:
+def cmd_crd(args: argparse.Namespace) -> int:
+    if args.kind == "DPOPipeline":
+        from .pipeline_crd import render_pipeline_crd
+
+        sys.stdout.write(render_pipeline_crd())
+        return 0
     from .crd import render_crd
 
     sys.stdout.write(render_crd())
@@ -143,10 +150,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.manifest, log_format=args.log_format)
 
 
+def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    from .pipeline_local import run
+
+    return run(args.manifest, log_format=args.log_format)
+
+
+def cmd_pipeline_plan(args: argparse.Namespace) -> int:
+    """The stages a DPOPipeline runs, each a DPOJob (with --spec: their specs as YAML)."""
+    from .pipeline_local import load_pipeline_manifest
+
+    try:
+        name, _, _, stages = load_pipeline_manifest(args.manifest)
+    except (SpecError, OSError, yaml.YAMLError) as err:
+        print(f"{args.manifest}: {err}", file=sys.stderr)
+        return 2
+    for s in stages:
+        if args.spec:
+            sys.stdout.write(yaml.safe_dump({"apiVersion": "kubedpo.io/v1alpha1", "kind": KIND,
+                                             "metadata": {"name": s.job_name}, "spec": s.wire_spec()},
+                                            sort_keys=False, explicit_start=True))
+        else:
+            print(f"{s.job_name:<52} round {s.round:<3} {s.task:<8} -> {s.output_uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubedpo", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("crd", help="Print the DPOJob CRD YAML.").set_defaults(fn=cmd_crd)
+    c = sub.add_parser("crd", help="Print a CRD's YAML (DPOJob by default).")
+    c.add_argument("--kind", choices=("DPOJob", "DPOPipeline"), default="DPOJob")
+    c.set_defaults(fn=cmd_crd)
     sub.add_parser("dashboard", help="Print the Grafana dashboard JSON (needs the dev extra).").set_defaults(
         fn=cmd_dashboard)
     sub.add_parser("alerts", help="Print the Prometheus alerting rules (YAML).").set_defaults(fn=cmd_alerts)
@@ -173,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-format", choices=("auto", "json", "rich"), default=None,
                    help="rich: a live progress display; json: the pods' JSON lines; auto (default): rich on a terminal.")
     r.set_defaults(fn=cmd_run)
+    pp = sub.add_parser("pipeline", help="DPOPipeline: SFT then rounds of generate -> judge -> train.")
+    psub = pp.add_subparsers(dest="pipeline_command", required=True)
+    pr = psub.add_parser("run", help="Run a DPOPipeline's stages locally, one after the other; a re-run "
+                         "skips finished stages and resumes the interrupted one.")
+    pr.add_argument("manifest")
+    pr.add_argument("--log-format", choices=("auto", "json", "rich"), default=None,
+                    help="rich: a live progress display per stage; json: the pods' JSON lines; auto: rich on a "
+                    "terminal.")
+    pr.set_defaults(fn=cmd_pipeline_run)
+    pl2 = psub.add_parser("plan", help="Print the stages (DPOJobs) a DPOPipeline runs, in order.")
+    pl2.add_argument("manifest")
+    pl2.add_argument("--spec", action="store_true", help="Print each stage as a DPOJob manifest.")
+    pl2.set_defaults(fn=cmd_pipeline_plan)
     return p
 
 

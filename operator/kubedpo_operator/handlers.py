@@ -49,6 +49,7 @@ from .status import (
     status_patch,
     ttl_expired,
 )
+from .task_result import result_patch
 
 log = logging.getLogger("kubedpo_operator")
 
@@ -215,8 +216,11 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
             if observed:  # a spec edit that changed nothing: say the conditions hold for it
                 memo.kube.patch_dpojob_status(namespace, name, observed)
             return
-        memo.kube.patch_dpojob_status(namespace, name, status_patch(status, t, now_iso(), spec.output.uri,
-                                                                    generation=generation))
+        patch = status_patch(status, t, now_iso(), spec.output.uri, generation=generation)
+        if t.phase == "Succeeded":  # rank 0's result, from its termination message (task_result.py)
+            pods = memo.kube.list_pods(namespace, f"{JOB_NAME_LABEL}={job_name(name, attempt)}")
+            patch.update(result_patch(pods, job_name(name, attempt), JOB_NAME_LABEL, patch["conditions"], now_iso()))
+        memo.kube.patch_dpojob_status(namespace, name, patch)
         _event(dpo, t.warning, t.reason, t.message)
         memo.metrics.observe_phase(namespace, name, t.phase)
         memo.metrics.transitions.labels(phase=t.phase).inc()

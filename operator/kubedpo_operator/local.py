@@ -40,9 +40,13 @@ def load_manifest(path: str) -> tuple[str, str, DPOJobSpec]:
     return name, meta.get("namespace", "default"), parse_spec(docs[0].get("spec"))
 
 
-def local_env(spec: DPOJobSpec, name: str, namespace: str, attempt: int, index: int) -> dict[str, str]:
-    """The pod's env on this machine: ours, then the user's literal values (valueFrom needs a cluster)."""
-    env = dict(os.environ)
+def local_env(spec: DPOJobSpec, name: str, namespace: str, attempt: int, index: int,
+              extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The pod's env on this machine: ours, then the user's literal values (valueFrom needs a cluster).
+
+    `extra`: what the operator would set besides (the local pipeline runner's result file).
+    """
+    env = {**os.environ, **(extra or {})}
     for e in trainer_env(name, namespace, attempt):
         env[e["name"]] = e["value"]
     for e in spec.env or []:
@@ -65,7 +69,7 @@ def _pipe(stream: IO[bytes], prefix: str, out: IO[str]) -> None:
 
 
 def run_attempt(spec: DPOJobSpec, name: str, namespace: str, attempt: int, config_path: str,
-                out: IO[str] = sys.stdout, log_format: str = "json") -> int:
+                out: IO[str] = sys.stdout, log_format: str = "json", extra_env: dict[str, str] | None = None) -> int:
     """All workers of one attempt; their output streamed with a `[worker i]` prefix.
 
     With `log_format` "rich", worker 0 (global rank 0) owns the terminal and draws the live
@@ -77,7 +81,7 @@ def run_attempt(spec: DPOJobSpec, name: str, namespace: str, attempt: int, confi
         print(f"no GPU here: running {spec.gpus_per_worker} ranks per worker on the CPU", file=out)
     procs, pipes = [], []
     for i in range(spec.workers):
-        env = {**local_env(spec, name, namespace, attempt, i), LOG_FORMAT_ENV: log_format}
+        env = {**local_env(spec, name, namespace, attempt, i, extra_env), LOG_FORMAT_ENV: log_format}
         if i == 0 and log_format == "rich":
             procs.append(subprocess.Popen([sys.executable, "-m", "kubedpo_trainer.cli", *args], env=env))
             continue
@@ -104,16 +108,17 @@ def run(manifest: str, out: IO[str] = sys.stdout, log_format: str | None = None)
     with tempfile.TemporaryDirectory(prefix=f"kubedpo-{name}-") as workdir:
         config_path = Path(workdir) / "config.yaml"
         config_path.write_text(yaml.safe_dump(spec.trainer_config().to_wire(), sort_keys=False))
-        return _run_attempts(spec, name, namespace, str(config_path), out, fmt)
+        return run_attempts(spec, name, namespace, str(config_path), out, fmt)
 
 
-def _run_attempts(spec: DPOJobSpec, name: str, namespace: str, config_path: str, out: IO[str],
-                  log_format: str = "json") -> int:
+def run_attempts(spec: DPOJobSpec, name: str, namespace: str, config_path: str, out: IO[str],
+                 log_format: str = "json", extra_env: dict[str, str] | None = None) -> int:
+    """Attempts until success, a configuration error, or runPolicy.maxRestarts failures."""
     restarts, attempt = 0, 0
     max_restarts = spec.run_policy.max_restarts
     while True:
         print(f"{KIND}/{name}: attempt {attempt} with {spec.workers} worker(s)", file=out, flush=True)
-        code = run_attempt(spec, name, namespace, attempt, config_path, out, log_format)
+        code = run_attempt(spec, name, namespace, attempt, config_path, out, log_format, extra_env)
         if code == EXIT_OK:
             print(f"{KIND}/{name}: Succeeded; output in {spec.output.uri}", file=out)
             return 0

@@ -19,32 +19,36 @@ from pydantic import Field, model_validator
 
 from kubedpo_trainer.config import (
     DataConfig,
+    MetricsConfig,
     ModelConfig,
     S3Config,
     Schema,
+    StorageUri,
     TrainingConfig,
 )
 from kubedpo_trainer.stage_config import GenerateConfig, JudgeConfig
 
-from .api import CONDITIONS_LIST, ClusterFields, Condition, validate_spec
+from .api import CONDITIONS_LIST, MAX_NAME, ClusterFields, Condition, validate_spec
+from .spec_rules import CREDENTIALS_MESSAGE, has_credentials
 
 PIPELINE_KIND = "DPOPipeline"
 PIPELINE_PLURAL = "dpopipelines"
 PIPELINE_SINGULAR = "dpopipeline"
 PIPELINE_SHORT_NAME = "dpop"
-# Stage DPOJobs are `<name>-r<round>-generate` (at most "-r100-generate", 14 characters), and a
-# DPOJob's name is at most 52 characters.
-PIPELINE_MAX_NAME = 38
+# Stage DPOJobs are `<name>-<stage>`; the longest stage is "final-generate" (15 characters with its
+# dash; "-r100-generate" has 14), and a DPOJob's name is at most MAX_NAME (52) characters.
+LONGEST_STAGE_SUFFIX = "-final-generate"
+PIPELINE_MAX_NAME = MAX_NAME - len(LONGEST_STAGE_SUFFIX)
 
 PipelinePhase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 Stage = Literal["sft", "generate", "judge", "train", "evaluate", "done"]
 
 
 class PromptsConfig(Schema):
-    train: str = Field(..., min_length=1, description="Prompts of the generate stages: rows with a `prompt` "
+    train: StorageUri = Field(..., description="Prompts of the generate stages: rows with a `prompt` "
                        "(string or chat messages), as JSONL/JSONL.gz/Parquet shards; preference rows work too "
                        "(their prompt is used).")
-    held_out: str | None = Field(
+    held_out: StorageUri | None = Field(
         None, description="Held-out prompts: each round's policy answers them and the judge compares the "
         "answers with the initial policy's and the previous round's (status.results[].winRate*).")
     format: Literal["auto", "standard", "conversational"] = Field(
@@ -99,10 +103,45 @@ class DPOPipelineSpec(ClusterFields):
     max_prompt_length: int | None = Field(512, ge=1, description="Maximum prompt tokens (left-truncated).")
     checkpoint: PipelineCheckpoints = Field(default_factory=PipelineCheckpoints,
                                             description="Checkpoints of the training stages.")
-    output: str = Field(..., min_length=1, description="Root prefix of everything the pipeline writes "
+    output: StorageUri = Field(..., description="Root prefix of everything the pipeline writes "
                         "(s3:// or local): <output>/sft/, <output>/round-<r>/{generations,judge,model,ckpt}/, "
                         "<output>/final/, <output>/judge-cache/.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and retries.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig,
+                                   description="Prometheus endpoint of every stage's rank 0.")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> DPOPipelineSpec:
+        """What each field allows alone but the pipeline cannot run; the first problem, naming its field."""
+        problems = pipeline_problems(self)
+        if problems:
+            raise ValueError(problems[0])
+        return self
+
+
+def pipeline_problems(spec: DPOPipelineSpec) -> list[str]:
+    """'field: message' for every cross-field problem of a pipeline spec."""
+    out = []
+    if spec.generate.samples_per_prompt < 2:
+        out.append("generate.samplesPerPrompt: at least 2: the judge makes pairs from a prompt's responses")
+    if spec.prompts.held_out and spec.generate.held_out_samples < 1:
+        out.append("generate.heldOutSamples: at least 1 with prompts.heldOut (win rates compare these answers)")
+    if spec.model.lora is not None and spec.reference == "initial" and spec.rounds > 1:
+        out.append("reference: initial needs a full fine-tune: with model.lora each round trains an adapter "
+                   "on the previous round's merged model, whose reference is that model (use previous)")
+    llm = spec.judge.llm
+    if spec.judge.kind == "llm" and llm is not None and not llm.url.startswith(("http://", "https://")):
+        out.append(f"judge.llm.url: {llm.url!r} must start with http:// or https:// (the API's base URL, "
+                   "e.g. http://judge.ns:8000/v1)")
+    uris = {"output": spec.output, "prompts.train": spec.prompts.train, "prompts.heldOut": spec.prompts.held_out,
+            "judge.llm.url": llm.url if llm else None, "judge.cacheUri": spec.judge.cache_uri,
+            "judge.rewardModel.uri": spec.judge.reward_model.uri if spec.judge.reward_model else None,
+            "sft.data.train": spec.sft.data.train if spec.sft else None,
+            "sft.data.eval": spec.sft.data.eval if spec.sft else None}
+    out += [f"{field}: {CREDENTIALS_MESSAGE}" for field, uri in uris.items() if has_credentials(uri)]
+    if spec.model.reference_uri:
+        out.append("model.referenceUri: set by the pipeline for each round (see spec.reference); remove it")
+    return out
 
 
 class RoundResult(Schema):
@@ -133,6 +172,7 @@ class DPOPipelineStatus(Schema):
     stage: Stage | None = Field(None, description="sft, generate, judge, train, evaluate or done.")
     round: int | None = Field(None, description="Current round (0 during SFT).")
     rounds: int | None = Field(None, description="Rounds planned.")
+    round_of: str | None = Field(None, description="round/rounds as text, for kubectl get (e.g. 1/2).")
     current_job: str | None = Field(None, description="The DPOJob running the current stage.")
     stage_progress: StageProgress | None = Field(None, description="Progress of the current stage.")
     results: list[RoundResult] | None = Field(None, description="One entry per finished round.")

@@ -47,12 +47,19 @@ def uri_problems(wire: dict[str, Any]) -> list[Problem]:
     """Credentials never go in a URI: it is copied to the ConfigMap, logs and status."""
     out = []
     for section, key in URI_FIELDS:
-        value = (wire.get(section) or {}).get(key)
-        if isinstance(value, str) and (CREDENTIALS_IN_URI.match(value) or SIGNED_QUERY.search(value)):
-            out.append((f"spec.{section}.{key}", "must not embed credentials (user:password@ or a signed "
-                        "query): put them in a Secret and reference it with envFrom (e.g. "
-                        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"))
+        part = wire.get(section)  # a DPOPipeline's output is a plain URI, checked by pipeline_api
+        value = part.get(key) if isinstance(part, dict) else None
+        if has_credentials(value):
+            out.append((f"spec.{section}.{key}", CREDENTIALS_MESSAGE))
     return out
+
+
+CREDENTIALS_MESSAGE = ("must not embed credentials (user:password@ or a signed query): put them in a Secret "
+                       "and reference it with envFrom (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+
+
+def has_credentials(value: Any) -> bool:
+    return isinstance(value, str) and bool(CREDENTIALS_IN_URI.match(value) or SIGNED_QUERY.search(value))
 
 
 def env_names(env: list[Any], where: str) -> list[Problem]:

@@ -20,10 +20,10 @@ import yaml
 from cel_expr_python import cel
 
 from kubedpo_operator.api import SpecError, parse_spec
-from tests.operator.test_crd import CRD_FILE
+from tests.operator.test_crd import CRD_FILE, DPOJOB_EXAMPLES
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = DPOJOB_EXAMPLES
 MISSING = object()
 ENV = cel.NewEnv(variables={"self": cel.Type.DYN, "oldSelf": cel.Type.DYN})
 
@@ -119,7 +119,7 @@ def test_updates_to_training_inputs_are_refused_and_run_policy_is_not(field: tup
 
 
 @pytest.mark.parametrize(("change", "field", "message"), [
-    ({"training": {"loss": "simpo"}, "model": {"uri": "s3://m/", "referenceUri": "s3://r/"}},
+    ({"training": {"loss": "simpo"}, "model": {"uri": "s3://models/m/", "referenceUri": "s3://models/r/"}},
      "training.loss", "simpo is reference-free"),
     ({"checkpoint": {"everySteps": 10}}, "checkpoint.uri", "required when everySteps/everyMinutes is set"),
     ({"checkpoint": {"everyMinutes": 5.0}}, "checkpoint.uri", "required when everySteps/everyMinutes is set"),

@@ -9,7 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kubedpo_trainer.tiny import CATEGORIES, WORD_CATEGORY, preference_rows, write_preference_task
+from kubedpo_trainer.tiny import (
+    CATEGORIES,
+    WORD_CATEGORY,
+    preference_rows,
+    write_pipeline_task,
+    write_preference_task,
+)
 
 
 def _rows(folder: str) -> list[dict]:
@@ -128,3 +134,15 @@ def test_a_two_layer_model_learns_the_rule_on_held_out_prompts(tiny) -> None:
         loss.backward()
         opt.step()
     assert held_out_accuracy() >= 0.9
+
+
+@pytest.mark.parametrize("fmt", ["standard", "conversational"])
+def test_pipeline_task_splits_share_no_prompt(tmp_path: Path, fmt: str) -> None:
+    task = write_pipeline_task(tmp_path, n_sft=40, n_prompts=30, n_held_out=20, fmt=fmt)  # type: ignore[arg-type]
+    sft, train, held = _rows(task.sft_uri), _rows(task.prompts_uri), _rows(task.held_out_uri)
+    assert (len(sft), len(train), len(held)) == (40, 30, 20)
+    assert set(sft[0]) == {"prompt", "chosen", "rejected"} and all(set(r) == {"prompt"} for r in train + held)
+    keys = [{json.dumps(r["prompt"]) for r in part} for part in (sft, train, held)]
+    assert sum(map(len, keys)) == len(set().union(*keys)) == 90
+    with pytest.raises(ValueError, match="fmt"):
+        write_pipeline_task(tmp_path / "x", fmt="implicit")

@@ -25,9 +25,13 @@ def test_held_out_reward_accuracy_rises(tiny, tmp_path: Path) -> None:
     """
     cfg = tiny_config(tiny, tmp_path, training={"maxSteps": 150, "batchSize": 16, "evalOnStart": True,
                                                 "loggingSteps": 25})
-    run = run_trainer(cfg, tmp_path)
+    run = run_trainer(cfg, tmp_path, env={"KUBEDPO_RESULT_FILE": str(tmp_path / "result.json")})
     assert run.returncode == 0, run.stderr[-3000:]
     s = run.summary()
+    # The task result (the operator's termination message): the final step's numbers.
+    assert json.loads((tmp_path / "result.json").read_text()) == {
+        "step": 150, "loss": pytest.approx(s["train"]["loss"]), "outputUri": str(tmp_path / "output"),
+        "evalRewardAccuracy": pytest.approx(s["eval"]["eval_rewards_accuracies"])}
     assert s["eval_at_start"]["eval_rewards_accuracies"] <= 0.5
     assert abs(s["eval_at_start"]["eval_rewards_margins"]) < 1e-6
     assert s["eval"]["eval_rewards_accuracies"] >= 0.9, s["eval"]
