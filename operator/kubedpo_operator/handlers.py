@@ -219,7 +219,8 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
         patch = status_patch(status, t, now_iso(), spec.output.uri, generation=generation)
         if t.phase == "Succeeded":  # rank 0's result, from its termination message (task_result.py)
             pods = memo.kube.list_pods(namespace, f"{JOB_NAME_LABEL}={job_name(name, attempt)}")
-            patch.update(result_patch(pods, job_name(name, attempt), JOB_NAME_LABEL, patch["conditions"], now_iso()))
+            patch.update(result_patch(pods, job_name(name, attempt), JOB_NAME_LABEL, patch["conditions"], now_iso(),
+                                      generation))
         memo.kube.patch_dpojob_status(namespace, name, patch)
         _event(dpo, t.warning, t.reason, t.message)
         memo.metrics.observe_phase(namespace, name, t.phase)
