@@ -320,15 +320,16 @@ def on_suspend(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str
         attempt = int(status.get("attempt") or 0)
         keep_suspended = suspend or bool(spec.run_policy.queue_name)
         memo.kube.patch_job(namespace, job_name(name, attempt), {"spec": {"suspend": keep_suspended}})
-        patch: dict[str, Any] = {"observedGeneration": fresh["metadata"].get("generation")}
+        generation = fresh["metadata"].get("generation")
+        patch = observed_patch(status, generation)  # already reported by sync: conditions hold for it
         if suspend != (status.get("phase") == "Suspended"):  # not already reported by sync
             phase, reason = ("Suspended", "Suspended") if suspend else ("Pending", "Resumed")
             message = "runPolicy.suspend set: pods stopped" if suspend else "runPolicy.suspend cleared: resuming"
-            patch.update(status_patch(status, Transition(phase, reason, message), now_iso(),
-                                      generation=fresh["metadata"].get("generation")))
+            patch = status_patch(status, Transition(phase, reason, message), now_iso(), generation=generation)
             _event(fresh, False, reason, message)
             memo.metrics.observe_phase(namespace, name, phase)
-        memo.kube.patch_dpojob_status(namespace, name, patch)
+        if patch:
+            memo.kube.patch_dpojob_status(namespace, name, patch)
 
 
 def on_job_event(*, type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
