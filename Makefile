@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install lint crd dashboard tools test test-fast demo bench clean lock
+.PHONY: install lint crd dashboard tools test test-fast demo demo-iterative bench clean lock
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,8 @@ lint: install
 	@if [ -f crds/kubedpo.io_dpojobs.yaml ]; then \
 	  $(VENV)/bin/kubedpo crd | diff -u crds/kubedpo.io_dpojobs.yaml - \
 	  || { echo "crds/kubedpo.io_dpojobs.yaml is stale: run 'make crd' (never edit it by hand)"; exit 1; }; fi
+	@$(VENV)/bin/kubedpo crd --kind DPOPipeline | diff -u crds/kubedpo.io_dpopipelines.yaml - \
+	  || { echo "crds/kubedpo.io_dpopipelines.yaml is stale: run 'make crd' (never edit it by hand)"; exit 1; }
 	scripts/sync-chart-crds.sh --check
 	@$(VENV)/bin/kubedpo dashboard | diff -u charts/kubedpo/dashboards/kubedpo.json - \
 	  || { echo "charts/kubedpo/dashboards/kubedpo.json is stale: run 'make dashboard' (it is generated)"; exit 1; }
@@ -44,6 +46,7 @@ dashboard: install
 
 crd: install
 	$(VENV)/bin/kubedpo crd > crds/kubedpo.io_dpojobs.yaml
+	$(VENV)/bin/kubedpo crd --kind DPOPipeline > crds/kubedpo.io_dpopipelines.yaml
 	$(VENV)/bin/kubedpo api-docs > docs/api.md
 	scripts/sync-chart-crds.sh
 
@@ -64,6 +67,10 @@ test-fast: install
 demo: install
 	$(PY) -m kubedpo_trainer.demo $(DEMO_ARGS)
 
+# SFT then 2 rounds of generate -> judge -> DPO (a local rule-based LLM judge), per-round win rates. A few minutes.
+demo-iterative: install
+	$(PY) -m kubedpo_trainer.demo_iterative $(DEMO_ARGS)
+
 bench: install
 	$(PY) bench/run_all.py
 
@@ -71,4 +78,4 @@ lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^kubedpo' | sed 's/+cpu//' > requirements/constraints.txt
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .demo-iterative .pytest_cache

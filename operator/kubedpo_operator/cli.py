@@ -1,6 +1,7 @@
 """`kubedpo`: the operator, the CRD generator and offline manifest checks.
 
     kubedpo crd > crds/kubedpo.io_dpojobs.yaml   # the CRD, generated from api.py
+    kubedpo crd --kind DPOPipeline                # the DPOPipeline CRD, from pipeline_api.py
     kubedpo validate examples/tiny-cpu.yaml       # the CRD schema, the operator's checks and its children's
     kubedpo plan examples/multinode-full.yaml     # per-GPU memory estimate; what to change if it won't fit
     kubedpo operator                              # run the kopf operator (in-cluster or kubeconfig)
@@ -22,7 +23,12 @@ import yaml
 from .api import KIND, SpecError, parse_spec
 
 
-def cmd_crd(_: argparse.Namespace) -> int:
+def cmd_crd(args: argparse.Namespace) -> int:
+    if args.kind == "DPOPipeline":
+        from .pipeline_crd import render_pipeline_crd
+
+        sys.stdout.write(render_pipeline_crd())
+        return 0
     from .crd import render_crd
 
     sys.stdout.write(render_crd())
@@ -172,7 +178,9 @@ def cmd_pipeline_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubedpo", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("crd", help="Print the DPOJob CRD YAML.").set_defaults(fn=cmd_crd)
+    c = sub.add_parser("crd", help="Print a CRD's YAML (DPOJob by default).")
+    c.add_argument("--kind", choices=("DPOJob", "DPOPipeline"), default="DPOJob")
+    c.set_defaults(fn=cmd_crd)
     sub.add_parser("dashboard", help="Print the Grafana dashboard JSON (needs the dev extra).").set_defaults(
         fn=cmd_dashboard)
     sub.add_parser("alerts", help="Print the Prometheus alerting rules (YAML).").set_defaults(fn=cmd_alerts)

@@ -39,6 +39,7 @@ TRAIN_GAUGES = (
     "step",
     "total_steps",
     "tokens_per_second",
+    "job_tokens_per_second",
     "eta_seconds",
     "last_checkpoint_step",
     "last_checkpoint_timestamp_seconds",

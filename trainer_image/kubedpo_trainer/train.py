@@ -370,11 +370,11 @@ class Trainer:
             self._record_rows(group)
             stop, due = self._agree()
             if stepped is not None and (self.step % t.logging_steps == 0 or self.step == self.total_steps):
-                self._sync_counters()
+                job_tokens = self._sync_counters()
                 if self.memory_reader is not None:  # a collective, at the same steps on every rank
                     self.metrics.set_gpu_memory(max_over_ranks(self.memory_reader, self.acc.gather, self.acc.device))
                 self.log.train(self.step, values, epoch=self.train_stream.epoch_progress(),
-                               tokens_total=self.tokens_total)
+                               tokens_total=self.tokens_total, job_tokens_total=job_tokens)
             if t.eval_steps and self.step % t.eval_steps == 0:
                 eval_values = self.evaluate()
             if stop:
@@ -438,13 +438,15 @@ class Trainer:
         t = self.acc.reduce(t, reduction="sum")
         return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
-    def _sync_counters(self) -> None:
+    def _sync_counters(self) -> int:
         """Only rank 0 serves metrics, so its data counters carry the whole job's totals: every
-        rank calls this at each logging step (two small all-reduces)."""
+        rank calls this at each logging step (two small all-reduces). Returns the job's tokens."""
         totals = self._data_totals()
         for key in ("bad_records", "truncated_prompts", "truncated_responses"):
             self.metrics.sync_counter(key, totals[key])
-        self.metrics.sync_counter("job_tokens", self._sum_over_ranks(self.tokens_total))
+        job_tokens = self._sum_over_ranks(self.tokens_total)
+        self.metrics.sync_counter("job_tokens", job_tokens)
+        return job_tokens
 
     def _record_rows(self, group: Any) -> None:
         """Opt-in audit log of trained row ids (KUBEDPO_ROW_LOG=dir): exactly-once evidence."""

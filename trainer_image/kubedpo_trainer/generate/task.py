@@ -34,6 +34,7 @@ from ..signals import StopRequest
 from ..stage_config import GENERATE_SUMMARY, GENERATIONS_HELDOUT, GENERATIONS_TRAIN
 from .metrics import GenerateMetrics
 from .rows import Unit, decode_part, encode_part, generation_row, parse_prompt, plan_units, unit_seed
+from .spec import check_spec
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class _Generate:
         self.metrics.set(attempt=int(os.environ.get("KUBEDPO_ATTEMPT", "0")))
         if self.rank == 0 and cfg.metrics.port:
             log.info("metrics on :%d/metrics", self.metrics.serve(cfg.metrics.port))
+        self._check_spec()
         self.tokenizer = load_tokenizer(cfg, self.acc)
         self.units = self._plan()
         self.existing = {GENERATIONS_TRAIN: _parts(storage.join(cfg.output.uri, GENERATIONS_TRAIN)),
@@ -108,6 +110,12 @@ class _Generate:
         self.encode = PromptEncoder(self.tokenizer, cfg.data.max_prompt_length, cfg.data.truncation_side)
         log.info("generate: %d units (%d prompt rows) over %d ranks, precision %s", len(self.units),
                  self.total_positions, self.world, plan.name)
+
+    def _check_spec(self) -> None:
+        """Existing parts are reused only if they were sampled with this spec (spec.py)."""
+        if self.rank == 0:
+            check_spec(self.cfg)
+        self.acc.wait_for_everyone()
 
     def _stream(self, uri: str) -> PreferenceStream:
         """The data stream in file order (no shuffle): the prompts' global order for every world size."""
