@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install lint crd dashboard tools test test-fast demo bench clean lock
+.PHONY: install lint crd dashboard tools test test-fast demo demo-iterative bench clean lock
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ test-fast: install
 demo: install
 	$(PY) -m kubedpo_trainer.demo $(DEMO_ARGS)
 
+# SFT then 2 rounds of generate -> judge -> DPO (a local rule-based LLM judge), per-round win rates. A few minutes.
+demo-iterative: install
+	$(PY) -m kubedpo_trainer.demo_iterative $(DEMO_ARGS)
+
 bench: install
 	$(PY) bench/run_all.py
 
@@ -74,4 +78,4 @@ lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^kubedpo' | sed 's/+cpu//' > requirements/constraints.txt
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .demo-iterative .pytest_cache

@@ -35,7 +35,8 @@ SECTION_DOCS = {
     "metrics": "Trainer metrics endpoint on rank 0 (read by the operator for status.progress).",
 }
 KEEP = ("type", "description", "default", "enum", "minimum", "maximum", "minLength", "maxLength",
-        "pattern", "minItems", "maxItems", "format")
+        "pattern", "minItems", "maxItems", "format", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
+        "x-kubernetes-validations")  # the last: URI types (uris.py)
 IMMUTABLE = ("model", "data")
 # workers may change (the gang restarts, rescale.py), and with it the per-rank batch split, so that
 # the global batch batchSize x gradientAccumulationSteps x workers (which exact resume needs) can stay.
@@ -71,6 +72,8 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "const" in node:
         node = {**node, "enum": [node["const"]]}
     out: dict[str, Any] = {k: node[k] for k in KEEP if k in node}
+    if "x-kubernetes-validations" in out:  # a copy: rules are appended below, and $defs nodes are shared
+        out["x-kubernetes-validations"] = [dict(r) for r in out["x-kubernetes-validations"]]
     if out.get("default", 0) is None:
         del out["default"]
     for bound, flag in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
@@ -160,7 +163,10 @@ def spec_schema() -> dict[str, Any]:
     for section, key in URI_FIELDS:
         field = props[section]["properties"][key]
         field["maxLength"] = field.get("maxLength", 4096)
-        field.setdefault("x-kubernetes-validations", []).append({
+        rules = field.setdefault("x-kubernetes-validations", [])
+        if any("://[^/?#]*@" in r["rule"] for r in rules):
+            continue  # a storage or model URI: its type (kubedpo_trainer.uris) carries the rule
+        rules.append({
             "rule": "!self.matches('^[A-Za-z][-A-Za-z0-9+.]*://[^/?#]*@')",
             "message": f"{section}.{key}: no credentials in URIs; put them in a Secret and use envFrom",
         })

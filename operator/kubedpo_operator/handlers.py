@@ -36,12 +36,14 @@ from .settings import OperatorSettings
 from .status import (
     JobState,
     Transition,
+    created_patch,
     desired_suspend,
     initial_status,
     invalid_status,
     job_state,
     next_transition,
     now_iso,
+    observed_patch,
     rediscovered_status,
     remaining_deadline,
     status_patch,
@@ -108,7 +110,7 @@ def ensure_or_record(memo: kopf.Memo, dpo: dict[str, Any], spec: DPOJobSpec, att
         _note_foreign(memo, dpo, err)
         return False
     record_success(memo, namespace, name)
-    _record_job(memo, namespace, name, dpo.get("status") or {}, attempt)
+    _record_job(memo, namespace, name, attempt)
     return True
 
 
@@ -141,10 +143,15 @@ def _why_pending(memo: kopf.Memo, namespace: str, job: Mapping[str, Any]) -> Job
     return JobState("pending", *problem) if problem else None
 
 
-def _record_job(memo: kopf.Memo, namespace: str, name: str, status: dict[str, Any], attempt: int) -> None:
-    """status.currentJob, once the attempt's Job exists: from then on, its absence is a failure."""
-    if status.get("currentJob") != job_name(name, attempt):
-        memo.kube.patch_dpojob_status(namespace, name, {"currentJob": job_name(name, attempt)})
+def _record_job(memo: kopf.Memo, namespace: str, name: str, attempt: int) -> None:
+    """status.currentJob and Created=True, once the attempt's Job exists: from then on, its absence
+    is a failure. On a fresh read, so conditions written since the caller's read are kept."""
+    dpo = memo.kube.get_dpojob(namespace, name)
+    if dpo is None:
+        return
+    patch = created_patch(dpo.get("status") or {}, name, attempt, now_iso(), dpo["metadata"].get("generation"))
+    if patch:
+        memo.kube.patch_dpojob_status(namespace, name, patch)
 
 
 def _note_foreign(memo: kopf.Memo, dpo: dict[str, Any], err: ForeignChild) -> None:
@@ -203,9 +210,13 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
                     bool((job.get("spec") or {}).get("suspend")) != want:
                 memo.kube.patch_job(namespace, job_name(name, attempt), {"spec": {"suspend": want}})
         t = next_transition(status, state, spec.run_policy, spec.workers)
+        generation = dpo["metadata"].get("generation")
         if t is None:
+            observed = observed_patch(status, generation)
+            if observed:  # a spec edit that changed nothing: say the conditions hold for it
+                memo.kube.patch_dpojob_status(namespace, name, observed)
             return
-        patch = status_patch(status, t, now_iso(), spec.output.uri)
+        patch = status_patch(status, t, now_iso(), spec.output.uri, generation=generation)
         if t.phase == "Succeeded":  # rank 0's result, from its termination message (task_result.py)
             pods = memo.kube.list_pods(namespace, f"{JOB_NAME_LABEL}={job_name(name, attempt)}")
             patch.update(result_patch(pods, job_name(name, attempt), JOB_NAME_LABEL, patch["conditions"], now_iso()))
@@ -248,12 +259,13 @@ def reconcile(*, body: kopf.Body, name: str, namespace: str | None, uid: str, me
                 memo.metrics.observe_phase(namespace, name, status["phase"])
                 return
             if not status.get("phase"):
-                status = _first_status(memo, namespace, name, uid, meta.get("generation"), spec.workers)
-                plan = memory_condition(spec, status["startTime"], memo.settings.memory_plan_timeout_s)
+                status, reason = _first_status(memo, namespace, name, uid, meta.get("generation"), spec.workers)
+                plan = memory_condition(spec, status["startTime"], memo.settings.memory_plan_timeout_s,
+                                        meta.get("generation"))
                 if plan is not None:
                     status["conditions"].append(plan)
                 memo.kube.patch_dpojob_status(namespace, name, status)
-                _event(dict(body), False, status["conditions"][0]["reason"], status["message"])
+                _event(dict(body), False, reason, status["message"])
                 if plan is not None and plan["status"] == "False":
                     _event(dict(body), True, "MemoryPlan", plan["message"])
             memo.metrics.observe_phase(namespace, name, status["phase"])
@@ -269,17 +281,18 @@ def reconcile(*, body: kopf.Body, name: str, namespace: str | None, uid: str, me
                 _note_foreign(memo, {**fresh, "status": status}, err)
                 raise kopf.TemporaryError(err.message, delay=memo.settings.handler_backoff_s) from None
             record_success(memo, namespace, name)
-            _record_job(memo, namespace, name, status, int(status.get("attempt") or 0))
+            _record_job(memo, namespace, name, int(status.get("attempt") or 0))
 
 
 def _first_status(memo: kopf.Memo, namespace: str, name: str, uid: str, generation: int | None,
-                  workers: int) -> dict[str, Any]:
-    """A new DPOJob's status, or, when its Jobs exist (status lost), the live attempt's."""
+                  workers: int) -> tuple[dict[str, Any], str]:
+    """A new DPOJob's status, or, when its Jobs exist (status lost), the live attempt's; and the
+    reason of the event that announces it."""
     jobs = owned_jobs(memo.kube.list_jobs(namespace, selector(name)), name, uid)
     if not jobs:
-        return initial_status(generation, now_iso(), workers)
+        return initial_status(generation, now_iso(), workers), "Created"
     first = jobs[min(jobs)]["metadata"].get("creationTimestamp")
-    return rediscovered_status(name, generation, now_iso(), max(jobs), first)
+    return rediscovered_status(name, generation, now_iso(), max(jobs), first), "StatusRediscovered"
 
 
 def on_suspend(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str | None, meta: kopf.Meta,
@@ -310,7 +323,8 @@ def on_suspend(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str
         if suspend != (status.get("phase") == "Suspended"):  # not already reported by sync
             phase, reason = ("Suspended", "Suspended") if suspend else ("Pending", "Resumed")
             message = "runPolicy.suspend set: pods stopped" if suspend else "runPolicy.suspend cleared: resuming"
-            patch.update(status_patch(status, Transition(phase, reason, message), now_iso()))
+            patch.update(status_patch(status, Transition(phase, reason, message), now_iso(),
+                                      generation=fresh["metadata"].get("generation")))
             _event(fresh, False, reason, message)
             memo.metrics.observe_phase(namespace, name, phase)
         memo.kube.patch_dpojob_status(namespace, name, patch)

@@ -23,11 +23,12 @@ from kubedpo_trainer.config import (
     ModelConfig,
     S3Config,
     Schema,
+    StorageUri,
     TrainingConfig,
 )
 from kubedpo_trainer.stage_config import GenerateConfig, JudgeConfig
 
-from .api import MAX_NAME, ClusterFields, Condition, validate_spec
+from .api import CONDITIONS_LIST, MAX_NAME, ClusterFields, Condition, validate_spec
 from .spec_rules import CREDENTIALS_MESSAGE, has_credentials
 
 PIPELINE_KIND = "DPOPipeline"
@@ -44,10 +45,10 @@ Stage = Literal["sft", "generate", "judge", "train", "evaluate", "done"]
 
 
 class PromptsConfig(Schema):
-    train: str = Field(..., min_length=1, description="Prompts of the generate stages: rows with a `prompt` "
+    train: StorageUri = Field(..., description="Prompts of the generate stages: rows with a `prompt` "
                        "(string or chat messages), as JSONL/JSONL.gz/Parquet shards; preference rows work too "
                        "(their prompt is used).")
-    held_out: str | None = Field(
+    held_out: StorageUri | None = Field(
         None, description="Held-out prompts: each round's policy answers them and the judge compares the "
         "answers with the initial policy's and the previous round's (status.results[].winRate*).")
     format: Literal["auto", "standard", "conversational"] = Field(
@@ -102,7 +103,7 @@ class DPOPipelineSpec(ClusterFields):
     max_prompt_length: int | None = Field(512, ge=1, description="Maximum prompt tokens (left-truncated).")
     checkpoint: PipelineCheckpoints = Field(default_factory=PipelineCheckpoints,
                                             description="Checkpoints of the training stages.")
-    output: str = Field(..., min_length=1, description="Root prefix of everything the pipeline writes "
+    output: StorageUri = Field(..., description="Root prefix of everything the pipeline writes "
                         "(s3:// or local): <output>/sft/, <output>/round-<r>/{generations,judge,model,ckpt}/, "
                         "<output>/final/, <output>/judge-cache/.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and retries.")
@@ -176,7 +177,8 @@ class DPOPipelineStatus(Schema):
     stage_progress: StageProgress | None = Field(None, description="Progress of the current stage.")
     results: list[RoundResult] | None = Field(None, description="One entry per finished round.")
     output_uri: str | None = Field(None, description="The final policy (set on success).")
-    conditions: list[Condition] | None = Field(None, description="Kubernetes-style conditions.")
+    conditions: list[Condition] | None = Field(None, description="Kubernetes-style conditions, one per type.",
+                                               json_schema_extra=CONDITIONS_LIST)
     start_time: str | None = Field(None, description="When the first stage was created.")
     completion_time: str | None = Field(None, description="When the pipeline finished.")
     observed_generation: int | None = Field(None, description="metadata.generation last acted upon.")

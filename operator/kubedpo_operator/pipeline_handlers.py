@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 
 from .api import SpecError
-from .conditions import changed, set_condition
+from .conditions import CREATED, changed, set_condition
 from .handlers import _event, namespaced
 from .ownership import foreign_message, owned_by
 from .pipeline_admission import admit_pipeline
@@ -88,7 +88,7 @@ def _create_stage(kube: PipelineKube, namespace: str, name: str, uid: str, d: De
     if owned_by(existing, uid):
         return d  # created by a racing sync: the next pass sees it
     message = foreign_message("DPOJob", existing, uid).replace("this DPOJob", "this DPOPipeline")
-    conditions = set_condition(d.status.get("conditions"), "Pending", True, "ForeignChildExists", message,
+    conditions = set_condition(d.status.get("conditions"), CREATED, False, "ForeignChildExists", message,
                                now_iso(), d.status.get("observedGeneration"))
     events = [(True, "ForeignChildExists", message)] if changed(status.get("conditions"), conditions) else []
     return Decision(None, {**d.status, "message": message, "conditions": conditions}, events)

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Any
 
 from .api import API_VERSION, KIND
 from .children import MANAGED_BY
-from .conditions import set_condition
+from .conditions import set_states
 from .ownership import owned_by
-from .pipeline_api import PIPELINE_KIND, DPOPipelineSpec, PipelinePhase
+from .pipeline_api import PIPELINE_KIND, DPOPipelineSpec
 from .pipeline_plan import PlannedStage, policy, round_results, stage_progress
+from .status import STATE_TYPES, phase_reason
 
-PIPELINE_PHASES: tuple[str, ...] = get_args(PipelinePhase)
 FINISHED = ("Succeeded", "Failed")
 LABEL_PIPELINE = "kubedpo.io/pipeline-name"
 LABEL_STAGE = "kubedpo.io/stage"
@@ -75,16 +75,10 @@ def stage_results(stages: Sequence[PlannedStage], children: Mapping[str, Mapping
 
 def with_phase(conditions: list[dict[str, Any]] | None, phase: str, reason: str, message: str, now: str,
                generation: int | None) -> list[dict[str, Any]]:
-    """One condition per pipeline phase: the current True (with why), the others present False."""
-    out = list(conditions or [])
-    for p in PIPELINE_PHASES:
-        if p == phase:
-            out = set_condition(out, p, True, reason, message, now, generation)
-        elif any(c.get("type") == p for c in out):
-            old = next(c for c in out if c.get("type") == p)
-            out = set_condition(out, p, False, str(old.get("reason") or p), str(old.get("message") or ""), now,
-                                generation)
-    return out
+    """The state conditions as a DPOJob has them (conditions.set_states): Running, Suspended,
+    Succeeded, Failed always present, the current one True; Pending is all of them False, saying why."""
+    true_type = phase if phase in STATE_TYPES else None
+    return set_states(conditions, STATE_TYPES, true_type, reason, message, now, generation)
 
 
 def decide(name: str, spec: DPOPipelineSpec, stages: Sequence[PlannedStage],
@@ -136,14 +130,9 @@ def decide(name: str, spec: DPOPipelineSpec, stages: Sequence[PlannedStage],
     events = []
     if current is not None and status.get("currentJob") != current.job_name:
         events.append((False, "StageStarted", f"{where}: started"))
-    if (phase, reason) != (status.get("phase"), _reason(status, status.get("phase"))) and reason != "StageCreated":
+    if (phase, reason) != (status.get("phase"), phase_reason(status)) and reason != "StageCreated":
         events.append((phase == "Failed", reason, message))
     return Decision(create, patch, events, suspend_child)
-
-
-def _reason(status: Mapping[str, Any], phase: str | None) -> str | None:
-    return next((c.get("reason") for c in status.get("conditions") or []
-                 if c.get("type") == phase and c.get("status") == "True"), None)
 
 
 def invalid_pipeline_status(field_name: str, message: str, generation: int | None, now: str) -> dict[str, Any]:

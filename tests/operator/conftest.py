@@ -93,8 +93,11 @@ class Emulator(kmock.KubernetesEmulator):
                     meta["name"] = meta["generateName"] + uuid.uuid4().hex[:12]  # 5 chars collided at 1500 events
                 _set_data(request, {**data, "metadata": meta})
             elif request.action == kmock.action.UPDATE and isinstance(data, dict):
-                _set_data(request, {**data, "metadata": {
-                    **(data.get("metadata") or {}), "resourceVersion": rv}})
+                meta = {**(data.get("metadata") or {}), "resourceVersion": rv}
+                generation = self._next_generation(request, data)
+                if generation is not None:
+                    meta["generation"] = generation
+                _set_data(request, {**data, "metadata": meta})
             elif request.action == kmock.action.UPDATE and isinstance(data, list):
                 _set_data(request, [
                     *data, {"op": "add", "path": "/metadata/resourceVersion", "value": rv}])
@@ -108,6 +111,19 @@ class Emulator(kmock.KubernetesEmulator):
         except jsonpatch.JsonPatchTestFailed as err:  # kopf expects 422 on a stale resourceVersion
             raise kmock.KubernetesError(status=422, reason="Invalid", message=str(err)) from None
 
+
+    def _next_generation(self, request: Any, patch: dict[str, Any]) -> int | None:
+        """metadata.generation + 1 when a merge patch changes the spec, as the API server does
+        (never for status or metadata alone); None when it stays (a client cannot set it)."""
+        key = (request.resource, request.namespace, request.name)
+        if request.subresource is not None or not request.name or key not in self.objects:
+            return None
+        stored = self.objects[key]
+        if stored.deleted or "spec" not in patch:
+            return None
+        if not _merge_changes(patch["spec"], stored.get("spec")):
+            return int((stored.get("metadata") or {}).get("generation") or 1)
+        return int((stored.get("metadata") or {}).get("generation") or 1) + 1
 
     async def _serve_list(self, request: Any) -> Any:
         result = dict(await super()._serve_list(request))
@@ -132,6 +148,13 @@ class Emulator(kmock.KubernetesEmulator):
                     yield event
         finally:
             await bus.unmark(mark)
+
+
+def _merge_changes(patch: Any, current: Any) -> bool:
+    """Whether applying merge patch `patch` to `current` changes it."""
+    if not isinstance(patch, dict) or not isinstance(current, dict):
+        return patch != current
+    return any(_merge_changes(v, current.get(k)) if v is not None else k in current for k, v in patch.items())
 
 
 def _set_data(request: Any, data: Any) -> None:

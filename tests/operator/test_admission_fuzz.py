@@ -104,7 +104,7 @@ POD = st.fixed_dictionaries({}, optional={
     "volumes": VOLUMES, "volumeMounts": MOUNTS,
     "imagePullSecrets": st.lists(st.sampled_from([{"name": "regcred"}, {"name": "Bad_Secret"}, {}]), max_size=2),
     "addCapabilities": st.lists(st.sampled_from(["IPC_LOCK", "SYS_ADMIN", "bad"]), max_size=2)})
-URIS = st.sampled_from(["s3://KEY:SECRET@bucket/m/", "s3://b/m/", "https://u:p@host/x", "s3://b/m/?X-Amz-Signature=1"])
+URIS = st.sampled_from(["s3://KEY:SECRET@bucket/m/", "s3://bkt/m/", "https://u:p@host/x", "s3://bkt/m/?X-Amz-Signature=1"])
 
 MUTATIONS: dict[tuple[str, ...], Any] = {
     ("metadata", "name"): NAMES,

@@ -119,7 +119,7 @@ def test_updates_to_training_inputs_are_refused_and_run_policy_is_not(field: tup
 
 
 @pytest.mark.parametrize(("change", "field", "message"), [
-    ({"training": {"loss": "simpo"}, "model": {"uri": "s3://m/", "referenceUri": "s3://r/"}},
+    ({"training": {"loss": "simpo"}, "model": {"uri": "s3://models/m/", "referenceUri": "s3://models/r/"}},
      "training.loss", "simpo is reference-free"),
     ({"checkpoint": {"everySteps": 10}}, "checkpoint.uri", "required when everySteps/everyMinutes is set"),
     ({"checkpoint": {"everyMinutes": 5.0}}, "checkpoint.uri", "required when everySteps/everyMinutes is set"),

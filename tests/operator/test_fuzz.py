@@ -20,7 +20,7 @@ KEYS = ["workers", "gpusPerWorker", "model", "data", "training", "checkpoint", "
         "resources", "uri", "beta", "loss", "referenceUri", "everySteps", "maxRestarts", "queueName", "lora",
         "rank", "maxLength", "batchSize", "name", "limits", "nvidia.com/gpu", "bogus"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 5000), st.floats(allow_nan=False, width=32),
-                    st.sampled_from(["", "simpo", "sigmoid", "s3://b/p/", "x" * 70]))
+                    st.sampled_from(["", "simpo", "sigmoid", "s3://bkt/p/", "x" * 70]))
 values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3),
                                                    st.dictionaries(st.sampled_from(KEYS), c, max_size=3)),
                       max_leaves=6)

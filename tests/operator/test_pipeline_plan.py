@@ -92,7 +92,7 @@ def test_reference_initial_keeps_p0_as_reference() -> None:
 
 
 def test_lora_merges_on_export_and_the_next_stage_loads_merged() -> None:
-    st = stages_of(base(model={"uri": "s3://models/base/", "lora": {"rank": 8}}, sft={"data": {"train": "s3://s/"}}))
+    st = stages_of(base(model={"uri": "s3://models/base/", "lora": {"rank": 8}}, sft={"data": {"train": "s3://sft-rows/"}}))
     sft, g1, t1 = st["sft"].spec, st["r1-generate"].spec, st["r1-train"].spec
     assert sft.model.lora is not None and sft.model.lora.merge_on_export
     assert g1.model.uri == O + "sft/model/merged/" and g1.model.lora is None  # sampling loads full weights
@@ -118,19 +118,19 @@ def test_cluster_fields_and_training_are_copied_to_every_stage() -> None:
 
 
 def test_sft_lengths_follow_the_pipeline_unless_set_in_sft_data() -> None:
-    st = stages_of(base(maxLength=64, sft={"data": {"train": "s3://s/"}}))
+    st = stages_of(base(maxLength=64, sft={"data": {"train": "s3://sft-rows/"}}))
     assert st["sft"].spec.data.max_length == 64
-    st = stages_of(base(maxLength=64, sft={"data": {"train": "s3://s/", "maxLength": 80}}))
+    st = stages_of(base(maxLength=64, sft={"data": {"train": "s3://sft-rows/", "maxLength": 80}}))
     assert st["sft"].spec.data.max_length == 80
 
 
 def test_judge_settings_reach_every_judge_stage_and_a_custom_cache() -> None:
-    judge = {"kind": "rewardModel", "rewardModel": {"uri": "s3://rm/"}, "pairs": {"strategy": "allAboveMargin",
+    judge = {"kind": "rewardModel", "rewardModel": {"uri": "s3://rm-models/"}, "pairs": {"strategy": "allAboveMargin",
              "minMargin": 0.5}, "cacheUri": "s3://cache/"}
     st = stages_of(base(judge=judge))
     for n in ("r1-judge", "r2-judge", "final-judge"):
         j = st[n].spec.judge
-        assert j.kind == "rewardModel" and j.reward_model.uri == "s3://rm/" and j.cache_uri == "s3://cache/"
+        assert j.kind == "rewardModel" and j.reward_model.uri == "s3://rm-models/" and j.cache_uri == "s3://cache/"
         assert j.pairs.strategy == "allAboveMargin" and j.pairs.min_margin == 0.5
 
 

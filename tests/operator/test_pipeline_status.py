@@ -25,7 +25,7 @@ JUDGE = {"prompts": 32, "pairs": 28, "ties": 3, "unparseable": 1, "refusals": 0,
 
 
 def spec(**over: Any) -> Any:
-    raw = {"model": {"uri": "s3://models/base/"}, "prompts": {"train": "s3://p/train/", "heldOut": "s3://p/held/"},
+    raw = {"model": {"uri": "s3://models/base/"}, "prompts": {"train": "s3://prompts/train/", "heldOut": "s3://prompts/held/"},
            "rounds": 2, "judge": {"kind": "llm", "llm": {"url": "http://judge:8000/v1", "model": "m"}},
            "output": "s3://runs/p/", **over}
     return parse_pipeline_spec(raw)
@@ -126,12 +126,17 @@ def test_suspend_propagates_to_the_running_stage_and_is_reported_once_it_took_ef
 
 
 def test_conditions_follow_the_phase_with_metav1_fields() -> None:
+    """As a DPOJob's (conditions.set_states): the four state types, the current one True."""
     first = run(spec(), {"p-r1-generate": child("Running")}).status["conditions"]
-    assert [(c["type"], c["status"]) for c in first] == [("Running", "True")]
+    assert [(c["type"], c["status"]) for c in first] == [
+        ("Running", "True"), ("Suspended", "False"), ("Succeeded", "False"), ("Failed", "False")]
     assert {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"} <= set(first[0])
     later = run(spec(), {"p-r1-generate": child("Suspended", suspend=True)},
                 {"phase": "Running", "conditions": first}).status["conditions"]
-    assert [(c["type"], c["status"]) for c in later] == [("Running", "False"), ("Suspended", "True")]
+    assert [(c["type"], c["status"]) for c in later] == [
+        ("Running", "False"), ("Suspended", "True"), ("Succeeded", "False"), ("Failed", "False")]
+    pending = run(spec(), {"p-r1-generate": child("Pending")}).status["conditions"]
+    assert {c["status"] for c in pending} == {"False"} and pending[0]["reason"] == "StagePending"
 
 
 def test_stage_jobs_are_owned_and_only_owned_ones_count() -> None:

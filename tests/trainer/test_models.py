@@ -7,6 +7,7 @@ the adapter, or base weights that train, makes DPO optimise the wrong objective.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -230,7 +231,11 @@ def test_dropout_is_disabled_in_policy_by_default(tiny, tmp_path) -> None:
 
 def test_model_sources(tiny, tmp_path) -> None:
     assert resolve_model_source("hf://meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
-    assert resolve_model_source("org/name") == "org/name"  # not a local folder: a hub id
+    # Only hf:// reaches the hub: a bare org/name (or a mistyped models/nope) is a local path, and
+    # "not found" names the folder that was tried.
+    for typo in ("org/name", "models/nope"):
+        with pytest.raises(InputError, match=rf"no such folder {re.escape(str(Path(typo).resolve()))}.*hf://org/name"):
+            resolve_model_source(typo)
     assert resolve_model_source(str(tiny.model_dir)) == str(tiny.model_dir)
     missing = str(tmp_path / "no" / "such" / "model")
     with pytest.raises(InputError, match="no such folder"):

@@ -40,3 +40,11 @@ class PackedBatch(PairFields):
     target: torch.Tensor  # (M,) long, its token id
     seq: torch.Tensor  # (M,) long, its sequence: chosen of pair i is i, rejected is B + i
     pairs: int  # B
+
+
+class SFTBatch(PairFields):
+    """A padded (B, T) batch of prompt+target rows (`data.sft.collate_sft`), for task sft."""
+
+    input_ids: torch.Tensor  # (B, T) long, right-padded with pad_id
+    attention_mask: torch.Tensor  # (B, T) long
+    loss_mask: torch.Tensor  # (B, T) bool, True on target tokens (incl. EOS) only

@@ -81,6 +81,10 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         stop = StopRequest(cfg.checkpoint.preemption_grace_seconds)
         stop.install()  # first: a SIGTERM while torch loads or the model downloads exits 75 too
+        from . import preflight, storage
+
+        storage.configure(cfg.s3)
+        preflight.check(cfg)  # every URI, before any download or step: exit 2 naming the field
         if cfg.task == "generate":
             from .generate.task import run_generate
 
@@ -93,6 +97,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         from .train import Trainer  # torch is imported only when training (dpo and sft)
 
+        if cfg.task == "sft":
+            from .sft_train import SFTTrainer as Trainer
         trainer = Trainer(cfg, stop)  # if this raises, the error's traceback keeps it alive
         _KEEP_ALIVE.append(trainer)
         trainer.run()

@@ -27,8 +27,10 @@ from pydantic import (
 from .base_schema import Schema
 from .errors import ConfigError
 from .stage_config import TASKS, GenerateConfig, JudgeConfig, Task
+from .uris import ModelUri, StorageUri
 
-__all__ = ["Schema"]  # re-exported: every spec model derives from it
+__all__ = ["ModelUri", "Schema", "StorageUri"]  # re-exported: every spec model derives from Schema; the
+# operator's own URI fields (DPOPipeline) use the same URI types
 
 
 class LossType(StrEnum):
@@ -67,18 +69,17 @@ class LoraConfig(Schema):
 
 
 class ModelConfig(Schema):
-    uri: str = Field(
+    uri: ModelUri = Field(
         ...,
-        min_length=1,
-        description="Policy model: a Hugging Face save_pretrained folder as s3://bucket/prefix/, "
-        "a local path, or a hub id (hf://org/name or org/name).",
+        description="Policy model: a Hugging Face save_pretrained folder as s3://bucket/prefix/ or a local "
+        "path, or a hub model as hf://org/name (only hf:// reaches the hub: a bare org/name is a local path).",
     )
-    reference_uri: str | None = Field(
+    reference_uri: ModelUri | None = Field(
         None,
         description="Frozen reference model; defaults to model.uri. Ignored with LoRA, where the "
         "reference is the base model with the adapter disabled (no second copy in memory).",
     )
-    tokenizer_uri: str | None = Field(None, description="Tokenizer folder; defaults to model.uri.")
+    tokenizer_uri: ModelUri | None = Field(None, description="Tokenizer folder; defaults to model.uri.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Dtype of the frozen weights: the reference model and LoRA's base (trained weights "
@@ -91,13 +92,12 @@ class ModelConfig(Schema):
 
 
 class DataConfig(Schema):
-    train: str = Field(
+    train: StorageUri = Field(
         ...,
-        min_length=1,
         description="Training preference rows: an s3:// prefix, a local folder or a single file of "
         "JSONL, JSONL.gz or Parquet shards in TRL's preference formats.",
     )
-    eval: str | None = Field(None, description="Held-out preference rows, same formats as train.")
+    eval: StorageUri | None = Field(None, description="Held-out preference rows, same formats as train.")
     format: Literal["auto", "standard", "conversational", "implicit"] = Field(
         "auto",
         description="Row format. standard: {prompt, chosen, rejected} strings; conversational: "
@@ -122,7 +122,7 @@ class DataConfig(Schema):
         "consecutive rows of one shard are permuted each epoch)."
     )
     seed: int = Field(42, description="Seed of the block permutation and the window shuffle.")
-    index_uri: str | None = Field(
+    index_uri: StorageUri | None = Field(
         None, description="Prefix of the shard index (rows and row offsets, built once per data "
         "version). Default: <checkpoint.uri>/data-index/, or a node-local cache without a checkpoint URI."
     )
@@ -277,7 +277,7 @@ class TrainingConfig(Schema):
         description="live: reference forward every step; precompute: one pass before training "
         "(reference model then freed).",
     )
-    reference_cache_uri: str | None = Field(
+    reference_cache_uri: StorageUri | None = Field(
         None,
         description="With referenceLogps precompute: where precomputed reference log-probs are kept "
         "(s3:// or local), keyed by reference model, tokenizer, data shard versions and truncation, "
@@ -309,7 +309,7 @@ def checkpoint_step_name(step: int) -> str:
 
 
 class CheckpointConfig(Schema):
-    uri: str | None = Field(None, description="Checkpoints go to <uri>/step-<n>/ (s3:// or local).")
+    uri: StorageUri | None = Field(None, description="Checkpoints go to <uri>/step-<n>/ (s3:// or local).")
     every_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps.")
     every_minutes: float | None = Field(None, gt=0, description="Checkpoint at least this often.")
     keep_last: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
@@ -319,7 +319,7 @@ class CheckpointConfig(Schema):
 
 
 class OutputConfig(Schema):
-    uri: str = Field(..., min_length=1, description="Final model, tokenizer and kubedpo_summary.json.")
+    uri: StorageUri = Field(..., description="Final model, tokenizer and kubedpo_summary.json.")
 
 
 class S3Config(Schema):
@@ -359,6 +359,10 @@ class TrainerConfig(Schema):
         if self.task == "judge" and self.judge is None:
             raise ValueError("judge: required with task judge")
         t = self.training
+        if self.task == "sft" and t.packing is not None:
+            raise ValueError("training.packing: not supported with task sft (DPO pair packing); remove it")
+        if self.task == "sft" and t.reference_logps == "precompute":
+            raise ValueError("training.referenceLogps: task sft has no reference model; remove precompute")
         if t.loss == LossType.simpo.value and self.model.reference_uri:
             raise ValueError("training.loss: simpo is reference-free; remove model.referenceUri")
         if t.reference_logps == "precompute" and t.loss == LossType.simpo.value:

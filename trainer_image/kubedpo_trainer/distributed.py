@@ -96,13 +96,14 @@ def skips_weight_read(acc: Any) -> bool:
     return bool(plugin is not None and plugin.cpu_ram_efficient_loading and not acc.is_main_process)
 
 
-def meta_model(path: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+def meta_model(path: str, dtype: torch.dtype, trust_remote_code: bool,
+               local_files_only: bool = False) -> PreTrainedModel:
     """The architecture from config.json with parameters on the meta device (no memory) and
     buffers real: non-persistent buffers (rotary frequencies) are not broadcast by accelerate."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 

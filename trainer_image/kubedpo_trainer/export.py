@@ -91,6 +91,7 @@ def export_final(
         model = unwrap(model)
     out_uri = out_uri or cfg.output.uri
     marker = storage.join(out_uri, SUMMARY)
+    retries_before = storage.retry_count()
     storage.delete(marker)  # a stale summary from an earlier attempt must not vouch for a half-written output
     with tempfile.TemporaryDirectory(prefix="kubedpo-export-") as tmp:
         staging = Path(tmp)
@@ -108,5 +109,9 @@ def export_final(
             save_full(model, staging, state_dict)
         tokenizer.save_pretrained(str(staging))
         storage.upload_dir(staging, out_uri)
+    if isinstance(summary.get("storage"), dict):  # the export's own retries (this rank's) count too
+        during = storage.retry_count() - retries_before
+        summary = {**summary, "storage": {**summary["storage"],
+                                          "s3_retries": summary["storage"].get("s3_retries", 0) + during}}
     storage.write_bytes(marker, json.dumps(summary, indent=2, default=str).encode())
     return out_uri

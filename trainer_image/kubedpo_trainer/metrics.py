@@ -39,14 +39,18 @@ TRAIN_GAUGES = (
     "step",
     "total_steps",
     "tokens_per_second",
+    "job_tokens_per_second",
     "eta_seconds",
     "last_checkpoint_step",
     "last_checkpoint_timestamp_seconds",
     "attempt",
+    "mean_token_accuracy",  # task sft: target tokens ranked first by the model
+    "eval_mean_token_accuracy",
 )
 # Gauges that mean nothing before their event: no series until first set, so a dashboard shows
 # "no data" rather than an eval accuracy or a checkpoint step of 0 before the first one.
 LAZY_GAUGES = frozenset({*(f"eval_{n}" for n in DPO_GAUGES), "last_checkpoint_step",
+                         "mean_token_accuracy", "eval_mean_token_accuracy",
                          "last_checkpoint_timestamp_seconds"})
 # Labelled kind=allocated|reserved besides dpojob/namespace/rank; set on GPU only (no series on a
 # CPU run: host memory would be another quantity under the same name).

@@ -3,7 +3,10 @@
 Where a model comes from (`model.uri`):
   - `s3://bucket/prefix/` or a local folder: a save_pretrained folder, made local through
     `storage.download_dir` into a per-URI cache (one download per node, not per rank);
-  - `hf://org/name` or `org/name`: a hub id handed to `from_pretrained` as is.
+  - `hf://org/name`: a hub id handed to `from_pretrained`. Only this form reaches the hub: a bare
+    `org/name` is a local path, so a mistyped `models/nope` fails naming the folder it tried
+    instead of asking the hub (docs/design-notes.md); local and S3 folders load with
+    `local_files_only`, so nothing is fetched for them either.
 
 The reference is what DPO measures the policy against, and must never move:
   - full fine-tune: a second, frozen copy (requires_grad False, eval mode) from
@@ -21,7 +24,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from .distributed import meta_model, skips_weight_read
 from .errors import InputError
 from .model_kinds import follow_module, is_peft
 from .precision import PrecisionPlan, plan_precision
+from .uris import hub_id, is_hub
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -47,7 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DOWNLOADED = ".kubedpo-download-complete"
 
 
@@ -65,15 +67,14 @@ def resolve_model_source(uri: str, accelerator: Any = None) -> str:
     s3:// folders are downloaded once per node: the local main process downloads while the
     other local ranks wait (accelerate's `local_main_process_first`), then all read the cache.
     """
-    if uri.startswith("hf://"):
-        return uri.removeprefix("hf://").strip("/")
+    if is_hub(uri):
+        return hub_id(uri)
     if not storage.is_s3(uri):
         local = Path(uri.removeprefix("file://"))
         if local.exists():
             return str(local)
-        if _HUB_ID.match(uri):
-            return uri
-        raise InputError(f"model uri {uri}: no such folder (and not a hub id like org/name)")
+        raise InputError(f"model uri {uri}: no such folder {local.resolve()} (a Hugging Face hub model is "
+                         "written hf://org/name)")
     target = cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:20]
     ctx = accelerator.local_main_process_first() if accelerator is not None else contextlib.nullcontext()
     with ctx:
@@ -103,7 +104,8 @@ def load_tokenizer(source: TrainerConfig | str, accelerator: Any = None,
         uri = source
     path = resolve_model_source(uri, accelerator)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            local_files_only=not is_hub(uri))
     except (OSError, ValueError) as err:
         raise InputError(f"tokenizer {uri}: cannot load: {err}") from None
     if tok.pad_token is None:
@@ -119,10 +121,10 @@ def _from_pretrained(uri: str, cfg: TrainerConfig, device: torch.device, acceler
     try:
         model: PreTrainedModel
         if skips_weight_read(accelerator):  # FSDP: rank 0's weights arrive by broadcast
-            model = meta_model(path, dtype, cfg.model.trust_remote_code)
+            model = meta_model(path, dtype, cfg.model.trust_remote_code, local_files_only=not is_hub(uri))
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+                path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, local_files_only=not is_hub(uri)
             )
     except (OSError, ValueError) as err:
         raise InputError(f"model {uri}: cannot load: {err}") from None
@@ -187,6 +189,12 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_frozen(uri: str, cfg: TrainerConfig, device: torch.device | str, dtype: torch.dtype,
+                accelerator: Any = None) -> nn.Module:
+    """A causal LM in eval mode with no gradients (task generate's policy): no LoRA, no reference."""
+    return freeze(_from_pretrained(uri, cfg, torch.device(device), accelerator, dtype))
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -287,7 +295,8 @@ class PolicyAndReference:
 
 def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.device | str | None = None,
                 plan: PrecisionPlan | None = None,
-                prepare_reference: Callable[[nn.Module], nn.Module] | None = None) -> PolicyAndReference:
+                prepare_reference: Callable[[nn.Module], nn.Module] | None = None,
+                with_reference: bool = True) -> PolicyAndReference:
     """Policy and reference on `accelerator.device` (or `device`, default CPU), in `plan`'s dtypes.
 
     The reference is loaded first and handed to `prepare_reference` (FSDP: shard it) before the
@@ -295,7 +304,7 @@ def load_models(cfg: TrainerConfig, accelerator: Any = None, device: torch.devic
     """
     dev = torch.device(device if device is not None else (accelerator.device if accelerator else "cpu"))
     plan = plan or plan_precision(cfg.training.precision, cfg.model.dtype, dev)
-    reference = load_reference(cfg, dev, accelerator, plan)
+    reference = load_reference(cfg, dev, accelerator, plan) if with_reference else None
     if reference is not None and prepare_reference is not None:
         reference = prepare_reference(reference)
     policy = load_policy(cfg, dev, accelerator, plan)

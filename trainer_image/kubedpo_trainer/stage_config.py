@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base_schema import Schema
+from .uris import ModelUri, StorageUri, StorageUriItem
 
 Task = Literal["dpo", "sft", "generate", "judge"]
 TASKS: tuple[Task, ...] = ("dpo", "sft", "generate", "judge")
@@ -51,9 +52,11 @@ class GenerateConfig(Schema):
     max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts.")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: model.generate (works with every trainer image). vllm: "
-        "faster, only where the image has vllm installed (refused with a clear error otherwise).")
-    seed: int = Field(0, description="Each prompt's sampling seed derives from this and the prompt, so "
-                      "the samples do not depend on the number of ranks or on restarts.")
+        "reserved for a faster engine; refused with a clear error (exit 2) in this build, whether or not "
+        "the image has vllm (no tested vLLM path yet).")
+    seed: int = Field(0, description="Sampling seed: unit u (the u-th output shard of promptsPerShard "
+                      "prompts) samples with seed + u (held-out units: seed + 2^20 + u), so the samples do not "
+                      "depend on the number of ranks or on restarts.")
 
 
 class SecretKeyRef(Schema):
@@ -93,8 +96,8 @@ class LLMJudgeConfig(Schema):
 class RewardModelJudgeConfig(Schema):
     """A sequence-classification model (one logit) scoring each response on the workers."""
 
-    uri: str = Field(..., min_length=1, description="Reward model folder (save_pretrained of an "
-                     "AutoModelForSequenceClassification with num_labels=1): s3://, local path or hub id.")
+    uri: ModelUri = Field(..., description="Reward model folder (save_pretrained of an "
+                     "AutoModelForSequenceClassification with num_labels=1): s3://, local path or hf://org/name.")
     batch_size: int = Field(16, ge=1, le=4096, description="Responses scored per forward pass.")
     max_length: int = Field(2048, ge=8, description="Tokens of prompt + response scored; longer are cut "
                             "at the left of the prompt (counted).")
@@ -114,15 +117,15 @@ class JudgeConfig(Schema):
     kind: Literal["llm", "rewardModel"] = Field(..., description="llm or rewardModel.")
     llm: LLMJudgeConfig | None = Field(None, description="Required with kind llm.")
     reward_model: RewardModelJudgeConfig | None = Field(None, description="Required with kind rewardModel.")
-    generations: str | None = Field(
+    generations: StorageUri | None = Field(
         None, description="Prefix written by a generate task (its output.uri); its train/ responses are "
         "ranked into pairs.")
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="How scores become preference pairs.")
-    compare: dict[str, list[str]] | None = Field(
+    compare: dict[str, list[StorageUriItem]] | None = Field(
         None, description="Win rates to measure: name -> [candidate prefix, baseline prefix], each a "
         "generate task's output.uri; their held-out responses for the same prompts are judged pairwise "
         "(both orders) and the candidate's win rate is reported under the name.")
-    cache_uri: str | None = Field(
+    cache_uri: StorageUri | None = Field(
         None, description="Where judgements are cached (s3:// or local), keyed by prompt, responses and "
         "judge config, so a restarted or repeated stage never pays twice. Default: <output.uri>/judge-cache/.")
 

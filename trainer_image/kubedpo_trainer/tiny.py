@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 CATEGORIES: dict[str, list[str]] = {
     "animal": ["cat", "dog", "horse", "mouse", "tiger", "eagle", "snake", "whale"],
@@ -120,6 +120,58 @@ def build_model(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    return model
+
+
+def build_reward_model(
+    out_dir: str | Path,
+    tokenizer: Any,
+    train_rows: int = 1024,
+    steps: int = 150,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+) -> LlamaForSequenceClassification:
+    """A tiny reward model of the task (LlamaForSequenceClassification, num_labels=1), saved in `out_dir`.
+
+    With `steps` > 0 it is trained for a few seconds (Bradley-Terry loss, -log sigmoid(r_chosen -
+    r_rejected)) on preference rows of the task: the right category over a wrong one, and over an
+    answer naming no category, so it scores "prompt + response" the way the rule judge does. The
+    rows come from a seed of their own (`seed + 1000`), so they differ from the policy's data.
+    The tokenizer is saved beside it: the judge loads both from one URI.
+    """
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config.num_labels = 1  # one score per sequence (the property sets id2label)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    if steps:
+        rng = random.Random(seed + 1000)
+        rows = preference_rows(train_rows, seed + 1000)
+        pairs = [(r["prompt"] + r["chosen"], r["prompt"] + (r["rejected"] if rng.random() < 0.7 else
+                                                            " " + rng.choice(list(WORD_CATEGORY))))
+                 for r in rows]
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            batch = rng.sample(pairs, 32)
+            enc = tokenizer([t for pair in batch for t in pair], return_tensors="pt", padding=True)
+            rewards = model(**enc).logits[:, 0].view(-1, 2)
+            loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
     return model
 
 

@@ -31,7 +31,7 @@ from . import distributed as dist_cfg
 from . import storage
 from .batch import Batch
 from .config import TrainerConfig, resolve_log_format
-from .data.stream import PreferenceStream
+from .data.stream import PreferenceStream, RowKind
 from .errors import InputError, Preempted
 from .evaluate import evaluate
 from .export import export_final
@@ -45,6 +45,7 @@ from .precision import plan_precision
 from .progress import StepLogger
 from .reference import Reference
 from .reference_cache import precompute
+from .result import write_result
 from .sharded_checkpoint import load_sharded, save_sharded
 from .signals import StopRequest
 
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
+    # What the task trains on; SFTTrainer (sft_train.py) overrides both.
+    row_kind: RowKind = "preference"
+    uses_reference = True
+
     def __init__(self, cfg: TrainerConfig, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
         # Usually installed by the CLI before torch is imported: a SIGTERM during start-up exits 75.
@@ -82,12 +87,15 @@ class Trainer:
         set_seed(t.seed)
         if not sys.stderr.isatty() or resolve_log_format() == "rich":
             hf_logging.disable_progress_bar()  # pods get JSON lines; a terminal gets our one display
-        storage.configure(cfg.s3)
         self.metrics = TrainerMetrics(
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
             namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
             rank=self.rank,
         )
+        # Every retry advances kubedpo_s3_retries_total as it happens (s3transfer's threads, the export
+        # included), counting on from the CLI's start-up checks.
+        storage.configure(cfg.s3, keep_count=True,
+                          on_retry=lambda total: self.metrics.sync_counter("s3_retries", total))
         self.metrics.set({"attempt": int(os.environ.get("KUBEDPO_ATTEMPT", "0"))})  # gang restarts so far
         if self.rank == 0 and cfg.metrics.port:
             self.metrics_port = self.metrics.serve(cfg.metrics.port)
@@ -95,7 +103,8 @@ class Trainer:
         self.memory_reader = cuda_memory_reader(device)
         self.tokenizer = load_tokenizer(cfg, self.acc)
         rss_before = dist_cfg.host_rss_bytes()
-        self.models = load_models(cfg, self.acc, plan=self.precision, prepare_reference=(
+        self.models = load_models(cfg, self.acc, plan=self.precision, with_reference=self.uses_reference,
+                                  prepare_reference=(
             (lambda m: dist_cfg.shard_reference(self.acc, m)) if self.fsdp else None))
         # Under FSDP the precompute pass waits until the policy is sharded: LoRA's reference is the
         # policy itself (adapter off), and ranks but 0 hold it on the meta device until then.
@@ -113,6 +122,7 @@ class Trainer:
         self.train_stream = PreferenceStream(
             cfg.data, cfg.data.train, self.tokenizer, self.rank, self.world, t.batch_size,
             accumulation=t.gradient_accumulation_steps, index_uri=index_uri(cfg), barrier=self.acc.wait_for_everyone,
+            rows=self.row_kind,
         )
         self.total_steps = self._total_steps()
         self.scheduler = get_scheduler(
@@ -347,11 +357,11 @@ class Trainer:
             self._record_rows(group)
             stop, due = self._agree()
             if stepped is not None and (self.step % t.logging_steps == 0 or self.step == self.total_steps):
-                self._sync_counters()
+                job_tokens = self._sync_counters()
                 if self.memory_reader is not None:  # a collective, at the same steps on every rank
                     self.metrics.set_gpu_memory(max_over_ranks(self.memory_reader, self.acc.gather, self.acc.device))
                 self.log.train(self.step, values, epoch=self.train_stream.epoch_progress(),
-                               tokens_total=self.tokens_total)
+                               tokens_total=self.tokens_total, job_tokens_total=job_tokens)
             if t.eval_steps and self.step % t.eval_steps == 0:
                 eval_values = self.evaluate()
             if stop:
@@ -373,8 +383,17 @@ class Trainer:
                    "memory": self.memory}
         self.log.finish(summary, self.cfg.output.uri)  # the curves PNG, before the output's marker
         self._export(summary)
+        write_result(self.result(summary), self.rank)
         self.log.close()
         return summary
+
+    def result(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The task result (result.py) for the operator / local runner: step, loss, eval, output."""
+        out: dict[str, Any] = {"step": summary["step"], "loss": summary["train"].get("loss"),
+                               "outputUri": self.cfg.output.uri}
+        if "eval_rewards_accuracies" in summary["eval"]:
+            out["evalRewardAccuracy"] = summary["eval"]["eval_rewards_accuracies"]
+        return out
 
     def _memory_per_rank(self, rss_before: int) -> dict[str, Any]:
         """Per-rank bytes of policy and reference parameters held locally (FSDP: shards) and host
@@ -402,14 +421,15 @@ class Trainer:
         t = self.acc.reduce(t, reduction="sum")
         return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
-    def _sync_counters(self) -> None:
+    def _sync_counters(self) -> int:
         """Only rank 0 serves metrics, so its data counters carry the whole job's totals: every
-        rank calls this at each logging step (two small all-reduces)."""
+        rank calls this at each logging step (two small all-reduces). Returns the job's tokens."""
         totals = self._data_totals()
         for key in ("bad_records", "truncated_prompts", "truncated_responses"):
             self.metrics.sync_counter(key, totals[key])
-        self.metrics.sync_counter("job_tokens", self._sum_over_ranks(self.tokens_total))
-        self.metrics.sync_counter("s3_retries", storage.retry_count())
+        job_tokens = self._sum_over_ranks(self.tokens_total)
+        self.metrics.sync_counter("job_tokens", job_tokens)
+        return job_tokens
 
     def _record_rows(self, group: Any) -> None:
         """Opt-in audit log of trained row ids (KUBEDPO_ROW_LOG=dir): exactly-once evidence."""

@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..batch import Batch
 from ..config import DataConfig
@@ -57,12 +57,14 @@ from .formats import BadRecord, parse_row
 from .index import IndexStore, ShardIndex
 from .order import GlobalOrder, slice_positions
 from .rows import RowFetcher
+from .sft import collate_sft, tokenize_sft_row
 from .shards import list_shards
 from .tokenize import DataStats, TokenizedRow, bos_prefix, tokenize_row
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 3
+RowKind = Literal["preference", "sft"]
 
 
 def default_index_uri() -> str:
@@ -93,12 +95,13 @@ class PreferenceStream:
 
     def __init__(self, cfg: DataConfig, uri: str, tokenizer: Any, rank: int, world: int, batch_size: int,
                  shuffle: bool = True, prefetch: int = 4, accumulation: int = 1, index_uri: str | None = None,
-                 barrier: Callable[[], None] = lambda: None) -> None:
+                 barrier: Callable[[], None] = lambda: None, rows: RowKind = "preference") -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
         self.cfg, self.uri, self.tokenizer = cfg, uri, tokenizer
         self.rank, self.world, self.batch_size, self.accumulation = rank, world, batch_size, accumulation
         self.shuffle, self.prefetch = shuffle, prefetch
+        self.rows = rows  # preference pairs (dpo) or prompt+target rows (sft: data/sft.py)
         self.shards = list_shards(uri)
         self.index = IndexStore(index_uri or cfg.index_uri or default_index_uri(),
                                 max_blocks=2 * (cfg.shuffle_buffer // cfg.block_rows) + 64)
@@ -113,8 +116,8 @@ class PreferenceStream:
 
     @classmethod
     def for_eval(cls, cfg: DataConfig, uri: str, tokenizer: Any, rank: int, world: int,
-                 batch_size: int) -> PreferenceStream:
-        return cls(cfg, uri, tokenizer, rank, world, batch_size, shuffle=False)
+                 batch_size: int, rows: RowKind = "preference") -> PreferenceStream:
+        return cls(cfg, uri, tokenizer, rank, world, batch_size, shuffle=False, rows=rows)
 
     # --- index and sizes --------------------------------------------------------------------
 
@@ -246,6 +249,8 @@ class PreferenceStream:
     def _tokenize(self, row: RawRow, stats: DataStats, row_id: str | None = None) -> TokenizedRow | None:
         """The tokenized row, or None when it is bad and onBadRecord=skip (counted)."""
         try:
+            if self.rows == "sft":
+                return tokenize_sft_row(row.raw, row_id or row.row_id, self.tokenizer, self.cfg, stats, self._bos)
             parsed = parse_row(row.raw, self.cfg.format)
             return tokenize_row(parsed, row_id or row.row_id, self.tokenizer, self.cfg, stats, self._bos)
         except BadRecord as err:
@@ -265,7 +270,11 @@ class PreferenceStream:
             tok = self._tokenize(r, DataStats(), f"pad:{r.row_id}")
             assert tok is not None  # it tokenized before
             pads.append(replace(tok, margin=0.0, weight=0.0))
-        return collate(good + pads, self._pad_id)
+        return self._collate(good + pads)
+
+    def _collate(self, rows: list[TokenizedRow]) -> Any:
+        """(2B, T) pair batch (collate.py), or (B, T) for SFT rows (data/sft.py)."""
+        return collate_sft(rows, self._pad_id) if self.rows == "sft" else collate(rows, self._pad_id)
 
     def _any_good_row(self, epoch: int, after: int) -> list[RawRow]:
         """A usable row to pad an all-bad micro-batch with: the next good one of the epoch's order."""
@@ -357,5 +366,5 @@ class PreferenceStream:
             rows = self.read_positions(0, mine[i:i + self.batch_size])
             good = [t for t in (self._tokenize(r, stats) for r in rows) if t is not None]
             if good:
-                yield collate(good, self._pad_id)
+                yield self._collate(good)
 
