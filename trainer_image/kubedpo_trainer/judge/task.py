@@ -36,7 +36,7 @@ from ..stage_config import (
 )
 from .cache import JudgementCache, fingerprint
 from .judge_metrics import JudgeMetrics
-from .pairs import Scored, make_pairs, win_outcome, win_rate
+from .pairs import Scored, expand, judgeable, make_pairs, win_outcome, win_rate
 from .rows import GenerationRow, count_rows, jsonl, list_shards, pair_row, rationale_row, read_generations
 from .tally import Tally
 
@@ -149,9 +149,12 @@ class JudgeTask:
         rationale_rows: list[dict[str, Any]] = []
         for start in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[start:start + CHUNK_ROWS]
-            scored = self.judge.score([(r.prompt, r.responses) for r in chunk], tally)
-            for row, s in zip(chunk, scored, strict=True):
-                self._rows_of(row, s, tally, pair_rows, rationale_rows)
+            kept = [judgeable(r.responses) for r in chunk]
+            tally.empty += sum(len(r.responses) - len(k) for r, k in zip(chunk, kept, strict=True))
+            scored = self.judge.score([(r.prompt, [r.responses[i] for i in k]) for r, k in zip(chunk, kept,
+                                                                                               strict=True)], tally)
+            for row, k, s in zip(chunk, kept, scored, strict=True):
+                self._rows_of(row, expand(s, k, len(row.responses)), tally, pair_rows, rationale_rows)
             tally.prompts += len(chunk)
             self.done_prompts += len(chunk)
             self.run_prompts += len(chunk)
@@ -249,7 +252,7 @@ class JudgeTask:
         result = {
             "prompts": total.prompts, "pairs": total.pairs, "ties": v["tie"], "unparseable": v["unparseable"],
             "refusals": v["refusal"], "inconsistent": v["inconsistent"], "requests": spent.requests,
-            "cacheHits": spent.cache_hits, "errors": dict(spent.errors),
+            "cacheHits": spent.cache_hits, "errors": dict(spent.errors), "emptyResponses": total.empty,
             "winRates": {name: c["winRate"] for name, c in compare.items()},
         }
         summary = {**result, "kind": self.judge.kind, "units": n_units, "retries": spent.retries,
