@@ -343,22 +343,23 @@ def test_standalone_judge_process_with_control_endpoints() -> None:
         proc.wait(10)
 
 
-def test_empty_responses_are_never_judged_nor_paired(judge_server: TinyJudge, tmp_path: Path) -> None:
-    """A policy that stops at once samples "" (seen in make demo-iterative): DPO cannot train on an
-    empty response (the data loader refuses the row), so the judge neither asks about it nor pairs it."""
+
+def test_empty_responses_are_judged_counted_and_paired_as_rejected(judge_server: TinyJudge, tmp_path: Path) -> None:
+    """A policy that stops at once samples "" (seen in make demo-iterative): the judge rates it like
+    any answer naming no category, so it ends up the rejected side of a pair, which DPO trains on
+    (the EOS token alone) to teach the policy not to stop; the summary counts such answers."""
     rows = tiny_generations(3, seed=31, pattern=("wrong", "right", "none"))
     rows = [dict(r, responses=["", *r["responses"], "  "]) for r in rows]
     gen = str(tmp_path / "gen")
     write_generations(gen, [rows])
     out = str(tmp_path / "out")
-    for mode in ("pairwise", "pointwise"):
+    for mode, requests in (("pairwise", 3 * 10 * 2), ("pointwise", 3 * 5)):
+        before = judge_server.requests
         _, result = run_task(judge_config(f"{out}-{mode}", {"kind": "llm", "llm": llm(judge_server.url, mode=mode),
                                                             "generations": gen}))
         pairs = read_jsonl(f"{out}-{mode}/pairs/part-00000.jsonl")
         assert result["emptyResponses"] == 6 and len(pairs) == 3
+        assert judge_server.requests - before == requests  # every pair of the 5 texts, both orders
         for p in pairs:
-            assert p["chosen"].strip() and p["rejected"].strip()
             assert first_category(p["chosen"]) == right_category(p["prompt"])
-        for r in read_jsonl(f"{out}-{mode}/rationales/part-00000.jsonl"):
-            assert r["scores"][0] is None and r["scores"][4] is None and (r["chosen"], r["rejected"]) != (0, 4)
-    assert judge_server.requests == 3 * 6 + 3 * 3  # pairwise: 3 pairs x 2 orders; pointwise: 3 responses
+            assert p["rejected"] == ""  # rated like "none" (1); the first of the worst

@@ -80,13 +80,3 @@ def test_win_rate_ties_count_half_and_unjudged_are_left_out() -> None:
     assert win_rate(outcomes) == pytest.approx((2 + 0.5 * 2) / 5)
     assert win_rate(Counter(unjudged=3)) is None
 
-
-def test_empty_responses_are_left_out_and_scores_mapped_back() -> None:
-    from kubedpo_trainer.judge.pairs import Scored, expand, judgeable
-
-    responses = ["", " a", "  ", " b"]
-    kept = judgeable(responses)
-    assert kept == [1, 3]
-    full = expand(Scored([1.0, -1.0], Counter(pair=1), {(0, 1): "a beats b"}), kept, len(responses))
-    assert full.scores == [None, 1.0, None, -1.0] and full.notes == {(1, 3): "a beats b"}
-    assert make_pairs(full.scores, responses, "bestVsWorst", 0.0) == [Pair(1, 3, 2.0)]

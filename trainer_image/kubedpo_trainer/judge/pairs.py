@@ -90,21 +90,6 @@ def pointwise(results: list[tuple[PointKind, float | None]]) -> Scored:
     return Scored(scores, verdicts)
 
 
-def judgeable(responses: list[str]) -> list[int]:
-    """Indices of the responses worth judging: an empty (or whitespace-only) response cannot be
-    trained on (a DPO row needs response tokens), so it is never asked about nor paired."""
-    return [i for i, r in enumerate(responses) if r.strip()]
-
-
-def expand(scored: Scored, kept: list[int], k: int) -> Scored:
-    """A Scored over the responses `kept` (by position), re-indexed onto all `k` responses."""
-    scores: list[float | None] = [None] * k
-    for pos, i in enumerate(kept):
-        scores[i] = scored.scores[pos]
-    notes = {(kept[a], kept[b]): text for (a, b), text in scored.notes.items()}
-    return Scored(scores, scored.verdicts, notes)
-
-
 def make_pairs(scores: list[float | None], responses: list[str], strategy: str,
                min_margin: float) -> list[Pair]:
     """bestVsWorst: the highest against the lowest score (first index wins ties of rank);

@@ -34,7 +34,7 @@ class Tally:
     pairs: int = 0
     prompts: int = 0
     truncated: int = 0
-    empty: int = 0             # empty responses: never judged, never paired
+    empty: int = 0             # empty (or whitespace-only) responses among those judged
     observer: Observer | None = field(default=None, repr=False, compare=False)
 
     def on_request(self, ok: bool, seconds: float, tokens: int = 0) -> None:

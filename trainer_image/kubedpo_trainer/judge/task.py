@@ -36,7 +36,7 @@ from ..stage_config import (
 )
 from .cache import JudgementCache, fingerprint
 from .judge_metrics import JudgeMetrics
-from .pairs import Scored, expand, judgeable, make_pairs, win_outcome, win_rate
+from .pairs import Scored, make_pairs, win_outcome, win_rate
 from .rows import GenerationRow, count_rows, jsonl, list_shards, pair_row, rationale_row, read_generations
 from .tally import Tally
 
@@ -149,12 +149,12 @@ class JudgeTask:
         rationale_rows: list[dict[str, Any]] = []
         for start in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[start:start + CHUNK_ROWS]
-            kept = [judgeable(r.responses) for r in chunk]
-            tally.empty += sum(len(r.responses) - len(k) for r, k in zip(chunk, kept, strict=True))
-            scored = self.judge.score([(r.prompt, [r.responses[i] for i in k]) for r, k in zip(chunk, kept,
-                                                                                               strict=True)], tally)
-            for row, k, s in zip(chunk, kept, scored, strict=True):
-                self._rows_of(row, expand(s, k, len(row.responses)), tally, pair_rows, rationale_rows)
+            # Empty answers (a policy that stopped at once) are judged like any other: as a pair's
+            # rejected side they teach the policy not to stop (DPO takes the EOS token alone).
+            tally.empty += sum(1 for r in chunk for x in r.responses if not x.strip())
+            scored = self.judge.score([(r.prompt, r.responses) for r in chunk], tally)
+            for row, s in zip(chunk, scored, strict=True):
+                self._rows_of(row, s, tally, pair_rows, rationale_rows)
             tally.prompts += len(chunk)
             self.done_prompts += len(chunk)
             self.run_prompts += len(chunk)
