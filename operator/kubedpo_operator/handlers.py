@@ -406,4 +406,8 @@ def build_registry(settings: OperatorSettings, login: bool = True) -> kopf.Opera
                   registry=r, id="job")(on_job_event)
     kopf.timer(GROUP, VERSION, PLURAL, interval=settings.progress_interval_s, registry=r, id="tick",
                backoff=backoff)(on_tick)
+    from .pipeline_api import PIPELINE_PLURAL
+    from .pipeline_handlers import register  # builds on this module's helpers
+
+    register(r, GROUP, VERSION, PIPELINE_PLURAL, PLURAL, settings.progress_interval_s, backoff)
     return r
