@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .api import KIND, SpecError, parse_spec
+from .pipeline_api import PIPELINE_KIND
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
@@ -51,11 +52,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
             bad += 1
             continue
         for i, doc in enumerate(docs):
-            if not isinstance(doc, dict) or doc.get("kind") != KIND:
+            if not isinstance(doc, dict) or doc.get("kind") not in (KIND, PIPELINE_KIND):
                 continue
             raw_meta = doc.get("metadata")
             meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
             name = meta.get("name", f"<document {i}>")
+            if doc["kind"] == PIPELINE_KIND:
+                bad += _validate_pipeline(path, name, doc, settings)
+                continue
             try:
                 spec = check_manifest(doc, settings)
                 print(f"{path}: {KIND}/{name}: valid")
@@ -69,6 +73,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"{path}: {KIND}/{name}: {err}", file=sys.stderr)
                 bad += 1
     return 2 if bad else 0
+
+
+def _validate_pipeline(path: str, name: str, doc: dict[str, Any], settings: Any) -> int:
+    """1 when the DPOPipeline (or one of its stage DPOJobs) is invalid, with the field named."""
+    from .pipeline_admission import check_pipeline_manifest
+
+    try:
+        check_pipeline_manifest(doc, settings)
+    except SpecError as err:
+        print(f"{path}: {PIPELINE_KIND}/{name}: {err}", file=sys.stderr)
+        return 1
+    print(f"{path}: {PIPELINE_KIND}/{name}: valid")
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -186,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("alerts", help="Print the Prometheus alerting rules (YAML).").set_defaults(fn=cmd_alerts)
     sub.add_parser("api-docs", help="Print docs/api.md (the DPOJob reference, from the CRD).").set_defaults(
         fn=cmd_api_docs)
-    v = sub.add_parser("validate", help="Validate DPOJob manifests offline (exit 2 if any is invalid).")
+    v = sub.add_parser("validate", help="Validate DPOJob and DPOPipeline manifests offline (exit 2 if any is invalid).")
     v.add_argument("manifests", nargs="+")
     v.add_argument("--no-plan", dest="plan", action="store_false",
                    help="Skip the memory estimate (it reads each model's config.json).")

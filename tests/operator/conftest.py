@@ -26,12 +26,14 @@ import pytest
 from kubedpo_operator.api import GROUP, PLURAL, VERSION
 from kubedpo_operator.handlers import build_registry, make_memo
 from kubedpo_operator.kube import Kube
+from kubedpo_operator.pipeline_api import PIPELINE_PLURAL
 from kubedpo_operator.settings import OperatorSettings
 
 NS = "team-a"
 DPO = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}"
 PATHS = {
     "DPOJob": DPO,
+    "DPOPipeline": f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PIPELINE_PLURAL}",
     "Job": f"/apis/batch/v1/namespaces/{NS}/jobs",
     "Service": f"/api/v1/namespaces/{NS}/services",
     "ConfigMap": f"/api/v1/namespaces/{NS}/configmaps",
@@ -111,8 +113,8 @@ class Emulator(kmock.KubernetesEmulator):
 
 
     def _next_generation(self, request: Any, patch: dict[str, Any]) -> int | None:
-        """metadata.generation + 1 when a merge patch changes the spec, as the API server does
-        (never for status or metadata alone); None when it stays (a client cannot set it)."""
+        """The generation a merge patch of an object leaves: + 1 when it changes the spec, as the
+        API server does (never for status or metadata alone); None for a patch without spec."""
         key = (request.resource, request.namespace, request.name)
         if request.subresource is not None or not request.name or key not in self.objects:
             return None
@@ -196,6 +198,12 @@ class FakeCluster:
         assert code in (200, 201), out.get("message")
         return out
 
+    async def create_pipeline(self, name: str, spec: dict[str, Any]) -> dict:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DPOPipeline",
+                "metadata": {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1},
+                "spec": spec}
+        return await self.create("DPOPipeline", body)
+
     async def create(self, kind: str, body: dict[str, Any]) -> dict:
         code, out = await self._call("post", PATHS[kind], json=body)
         assert code in (200, 201), out
@@ -255,6 +263,8 @@ def cluster(kmock: Any) -> FakeCluster:
         kind="CustomResourceDefinition", namespaced=False, verbs=VERBS)
     res[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
         kind="DPOJob", namespaced=True, verbs=VERBS, subresources=["status"], shortnames=["dpoj"])
+    res[f"{GROUP}/{VERSION}/{PIPELINE_PLURAL}"] = kmock.ResourceInfo(
+        kind="DPOPipeline", namespaced=True, verbs=VERBS, subresources=["status"], shortnames=["dpop"])
     res["batch/v1/jobs"] = kmock.ResourceInfo(kind="Job", namespaced=True, verbs=VERBS, subresources=["status"])
     res["v1/services"] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS)
     res["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS)

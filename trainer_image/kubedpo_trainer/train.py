@@ -55,6 +55,7 @@ class Trainer:
     # What the task trains on; SFTTrainer (sft_train.py) overrides both.
     row_kind: RowKind = "preference"
     uses_reference = True
+    unused_gauges: frozenset[str] = frozenset()  # exported only once set (metrics.TrainerMetrics)
 
     def __init__(self, cfg: TrainerConfig, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
@@ -92,6 +93,7 @@ class Trainer:
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
             namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
             rank=self.rank,
+            unused=self.unused_gauges,
         )
         # Every retry advances kubedpo_s3_retries_total as it happens (s3transfer's threads, the export
         # included), counting on from the CLI's start-up checks.
