@@ -42,21 +42,21 @@ def pipeline_manifest(root: Path, model_dir: str, sft_uri: str | None, prompts_u
         "prompts": {"train": prompts_uri, **({"heldOut": held_out_uri} if held_out_uri else {})},
         "rounds": rounds,
         "reference": "previous",
-        "generate": {"samplesPerPrompt": 4, "heldOutSamples": 1, "maxNewTokens": 4, "temperature": 1.0,
-                     "heldOutTemperature": 0.0, "batchSize": 64, "promptsPerShard": 64, "seed": 1},
+        "generate": {"samplesPerPrompt": 4, "heldOutSamples": 2, "maxNewTokens": 4, "temperature": 1.0,
+                     "batchSize": 64, "promptsPerShard": 64, "seed": 1},
         "judge": judge,
         "training": {"loss": "sigmoid", "beta": 0.1, "learningRate": 5e-4, "batchSize": 16,
-                     "maxSteps": 12, "warmupRatio": 0.0, "loggingSteps": 4, "seed": 1},
+                     "maxSteps": 24, "warmupRatio": 0.0, "loggingSteps": 4, "seed": 1},
         "maxLength": 64,
         "maxPromptLength": 48,
-        "checkpoint": {"everySteps": 4, "keepLast": 1},
+        "checkpoint": {"everySteps": 8, "keepLast": 1},
         "output": output or str(root / "run"),
         "metrics": {"port": 0},
         "runPolicy": {"maxRestarts": 1},
     }
     if sft_uri:
         spec["sft"] = {"data": {"train": sft_uri},
-                       "training": {"learningRate": 3e-3, "batchSize": 16, "maxSteps": 48, "warmupRatio": 0.0,
+                       "training": {"learningRate": 3e-3, "batchSize": 16, "maxSteps": 64, "warmupRatio": 0.0,
                                     "loggingSteps": 8, "seed": 1}}
     spec.update(over)
     return {"apiVersion": "kubedpo.io/v1alpha1", "kind": "DPOPipeline", "metadata": {"name": name}, "spec": spec}
