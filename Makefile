@@ -29,6 +29,8 @@ lint: install
 	@if [ -f crds/kubedpo.io_dpojobs.yaml ]; then \
 	  $(VENV)/bin/kubedpo crd | diff -u crds/kubedpo.io_dpojobs.yaml - \
 	  || { echo "crds/kubedpo.io_dpojobs.yaml is stale: run 'make crd' (never edit it by hand)"; exit 1; }; fi
+	@$(VENV)/bin/kubedpo crd --kind DPOPipeline | diff -u crds/kubedpo.io_dpopipelines.yaml - \
+	  || { echo "crds/kubedpo.io_dpopipelines.yaml is stale: run 'make crd' (never edit it by hand)"; exit 1; }
 	scripts/sync-chart-crds.sh --check
 	@$(VENV)/bin/kubedpo dashboard | diff -u charts/kubedpo/dashboards/kubedpo.json - \
 	  || { echo "charts/kubedpo/dashboards/kubedpo.json is stale: run 'make dashboard' (it is generated)"; exit 1; }
@@ -44,6 +46,7 @@ dashboard: install
 
 crd: install
 	$(VENV)/bin/kubedpo crd > crds/kubedpo.io_dpojobs.yaml
+	$(VENV)/bin/kubedpo crd --kind DPOPipeline > crds/kubedpo.io_dpopipelines.yaml
 	$(VENV)/bin/kubedpo api-docs > docs/api.md
 	scripts/sync-chart-crds.sh
 

@@ -11,7 +11,7 @@ import pytest
 
 from kubedpo_trainer.tiny import TinyArtifacts, build_all
 
-pytest_plugins = ["tests.support.s3"]
+pytest_plugins = ["tests.support.s3", "tests.support.judge_server"]
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, model_validator
 from kubedpo_trainer.config import Schema, TrainerConfig, format_validation_error
 
 from . import spec_rules
+from .conditions import MESSAGE_MAX, REASON_MAX, REASON_PATTERN, TYPE_MAX, TYPE_PATTERN
 from .k8s_openapi import CORE
 from .k8s_rules import DNS1035_LABEL, INT32_MAX
 
@@ -190,13 +191,24 @@ def check_name(name: Any) -> None:
 
 
 class Condition(Schema):
-    type: str = Field(..., description="Condition type, e.g. Running, Succeeded, Failed.")
+    """metav1.Condition (the Kubernetes API conventions; conditions.py writes them)."""
+
+    type: str = Field(..., max_length=TYPE_MAX, pattern=TYPE_PATTERN,
+                      description="Condition type (at most one condition per type), e.g. Running or Failed.")
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
-    reason: str = Field("", description="CamelCase reason of the last transition.")
-    message: str = Field("", description="Human-readable details.")
-    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).",
-                                             json_schema_extra={"format": "date-time"})
-    observed_generation: int | None = Field(None, description="metadata.generation this condition was set for.")
+    reason: str = Field(..., min_length=1, max_length=REASON_MAX, pattern=REASON_PATTERN,
+                        description="CamelCase reason for the condition's current status (for a False "
+                        "state condition: the current phase's reason, e.g. Suspended or WorkerFailed).")
+    message: str = Field(..., max_length=MESSAGE_MAX, description="Human-readable details (may be empty).")
+    last_transition_time: str = Field(..., description="When status last changed (RFC 3339).",
+                                      json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation this condition was "
+                                            "computed from; older than metadata.generation means out of date.")
+
+
+# The API server keeps the list keyed by type (a second condition of one type is refused), and
+# server-side apply merges it by type (metav1.Condition's +listType=map +listMapKey=type).
+CONDITIONS_LIST: dict[str, Any] = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
 
 
 class Progress(Schema):
@@ -207,8 +219,8 @@ class Progress(Schema):
     reward_accuracy: float | None = Field(None, description="Fraction of pairs with chosen reward > rejected.")
     reward_margin: float | None = Field(None, description="Mean chosen - rejected reward.")
     tokens_per_second: float | None = Field(
-        None, description="Tokens per second processed by rank 0 (the gang processes about this times the "
-        "number of ranks); read from rank 0's metrics like the rest of progress.")
+        None, description="Non-padding tokens per second processed by the whole job (all ranks) since the "
+        "current attempt started; rank 0 sums the ranks' counts at each logging step.")
     eta: str | None = Field(None, description="Estimated time left, e.g. 1h02m.")
     updated_at: str | None = Field(None, description="When these numbers were read from rank 0.")
 
@@ -221,7 +233,11 @@ class CheckpointRef(Schema):
 class DPOJobStatus(Schema):
     phase: Phase | None = Field(None, description="Pending, Running, Restarting, Suspended, "
                                            "Succeeded or Failed.")
-    conditions: list[Condition] | None = Field(None, description="Kubernetes-style conditions.")
+    conditions: list[Condition] | None = Field(
+        None, json_schema_extra=CONDITIONS_LIST,
+        description="Kubernetes-style conditions, one per type. Created, Running, Suspended, Succeeded and "
+        "Failed are always present (the False ones carry the current phase's reason and message); "
+        "ProgressAvailable, Retrying and MemoryPlan appear when they apply.")
     attempt: int | None = Field(None, description="Index of the current gang attempt (0-based).")
     restarts: int | None = Field(None, description="Gang restarts counted against runPolicy.maxRestarts.")
     preemptions: int | None = Field(None, description="Restarts after preemption (not counted).")
@@ -230,6 +246,9 @@ class DPOJobStatus(Schema):
     progress: Progress | None = Field(None, description="Training progress read from rank 0's metrics.")
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest checkpoint reported by rank 0.")
     output_uri: str | None = Field(None, description="Where the final model is (set on success).")
+    result: dict[str, Any] | None = Field(
+        None, description="What the task reported on success (rank 0's termination message): counts, "
+        "rates and URIs, e.g. pairs and winRates of a judge stage; at most 4096 bytes, finite numbers only.")
     current_job: str | None = Field(None, description="The current attempt's Job, once kubedpo created it "
                                     "(a Job missing after that was deleted outside kubedpo: a failed attempt).")
     observed_generation: int | None = Field(None, description="metadata.generation last acted upon.")

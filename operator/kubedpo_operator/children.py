@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED
+from kubedpo_trainer.stage_config import RESULT_FILE_ENV
 
 from .api import API_VERSION, KIND, DPOJobSpec, PodOverrides
 from .settings import OperatorSettings
@@ -27,6 +28,10 @@ LABEL_ATTEMPT = "kubedpo.io/attempt"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "kubedpo-operator"
 CONFIG_FILE = "config.yaml"
+# The task's result (kubedpo_trainer/result.py) goes to the termination log, which the kubelet
+# keeps in the pod's status after exit; the operator copies it into status.result (task_result.py).
+TERMINATION_LOG = "/dev/termination-log"
+JUDGE_API_KEY_ENV = "KUBEDPO_JUDGE_API_KEY"
 WRITABLE_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}]
 # Index of the podFailurePolicy rules; status.py maps a Job's failure message back to them.
 RULE_DISRUPTION, RULE_CONFIG, RULE_PREEMPTED = 0, 1, 2
@@ -95,6 +100,15 @@ def trainer_env(name: str, namespace: str, attempt: int) -> list[dict[str, Any]]
         {"name": "KUBEDPO_ATTEMPT", "value": str(attempt)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+
+
+def secret_env(spec: DPOJobSpec) -> list[dict[str, Any]]:
+    """Secrets the task needs, as secretKeyRef env: the value never enters the ConfigMap or status."""
+    llm = spec.judge.llm if spec.judge is not None else None
+    if llm is None or llm.api_key_secret is None:
+        return []
+    ref = llm.api_key_secret
+    return [{"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
 
 
 def build_config_map(name: str, namespace: str, uid: str, spec: DPOJobSpec, attempt: int) -> dict:
@@ -168,7 +182,10 @@ def _container(name: str, namespace: str, spec: DPOJobSpec, attempt: int,
                              port=settings.rendezvous_port),
         # The root filesystem is read-only: HOME and caches go to the /tmp emptyDir (as in our
         # image); user env comes last, so a custom image may point them elsewhere it mounts.
-        "env": trainer_env(name, namespace, attempt) + WRITABLE_ENV + [dict(e) for e in spec.env or []],
+        "env": trainer_env(name, namespace, attempt) + [{"name": RESULT_FILE_ENV, "value": TERMINATION_LOG}]
+        + secret_env(spec) + WRITABLE_ENV + [dict(e) for e in spec.env or []],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
         "ports": [{"name": "rendezvous", "containerPort": settings.rendezvous_port}],
         "resources": _resources(spec),
         "volumeMounts": [

@@ -1,6 +1,7 @@
 """`kubedpo`: the operator, the CRD generator and offline manifest checks.
 
     kubedpo crd > crds/kubedpo.io_dpojobs.yaml   # the CRD, generated from api.py
+    kubedpo crd --kind DPOPipeline                # the DPOPipeline CRD, from pipeline_api.py
     kubedpo validate examples/tiny-cpu.yaml       # the CRD schema, the operator's checks and its children's
     kubedpo plan examples/multinode-full.yaml     # per-GPU memory estimate; what to change if it won't fit
     kubedpo operator                              # run the kopf operator (in-cluster or kubeconfig)
@@ -20,9 +21,15 @@ from typing import Any
 import yaml
 
 from .api import KIND, SpecError, parse_spec
+from .pipeline_api import PIPELINE_KIND
 
 
-def cmd_crd(_: argparse.Namespace) -> int:
+def cmd_crd(args: argparse.Namespace) -> int:
+    if args.kind == "DPOPipeline":
+        from .pipeline_crd import render_pipeline_crd
+
+        sys.stdout.write(render_pipeline_crd())
+        return 0
     from .crd import render_crd
 
     sys.stdout.write(render_crd())
@@ -45,11 +52,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
             bad += 1
             continue
         for i, doc in enumerate(docs):
-            if not isinstance(doc, dict) or doc.get("kind") != KIND:
+            if not isinstance(doc, dict) or doc.get("kind") not in (KIND, PIPELINE_KIND):
                 continue
             raw_meta = doc.get("metadata")
             meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
             name = meta.get("name", f"<document {i}>")
+            if doc["kind"] == PIPELINE_KIND:
+                bad += _validate_pipeline(path, name, doc, settings)
+                continue
             try:
                 spec = check_manifest(doc, settings)
                 print(f"{path}: {KIND}/{name}: valid")
@@ -63,6 +73,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"{path}: {KIND}/{name}: {err}", file=sys.stderr)
                 bad += 1
     return 2 if bad else 0
+
+
+def _validate_pipeline(path: str, name: str, doc: dict[str, Any], settings: Any) -> int:
+    """1 when the DPOPipeline (or one of its stage DPOJobs) is invalid, with the field named."""
+    from .pipeline_admission import check_pipeline_manifest
+
+    try:
+        check_pipeline_manifest(doc, settings)
+    except SpecError as err:
+        print(f"{path}: {PIPELINE_KIND}/{name}: {err}", file=sys.stderr)
+        return 1
+    print(f"{path}: {PIPELINE_KIND}/{name}: valid")
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -172,13 +195,15 @@ def cmd_pipeline_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubedpo", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("crd", help="Print the DPOJob CRD YAML.").set_defaults(fn=cmd_crd)
+    c = sub.add_parser("crd", help="Print a CRD's YAML (DPOJob by default).")
+    c.add_argument("--kind", choices=("DPOJob", "DPOPipeline"), default="DPOJob")
+    c.set_defaults(fn=cmd_crd)
     sub.add_parser("dashboard", help="Print the Grafana dashboard JSON (needs the dev extra).").set_defaults(
         fn=cmd_dashboard)
     sub.add_parser("alerts", help="Print the Prometheus alerting rules (YAML).").set_defaults(fn=cmd_alerts)
     sub.add_parser("api-docs", help="Print docs/api.md (the DPOJob reference, from the CRD).").set_defaults(
         fn=cmd_api_docs)
-    v = sub.add_parser("validate", help="Validate DPOJob manifests offline (exit 2 if any is invalid).")
+    v = sub.add_parser("validate", help="Validate DPOJob and DPOPipeline manifests offline (exit 2 if any is invalid).")
     v.add_argument("manifests", nargs="+")
     v.add_argument("--no-plan", dest="plan", action="store_false",
                    help="Skip the memory estimate (it reads each model's config.json).")

@@ -35,7 +35,8 @@ SECTION_DOCS = {
     "metrics": "Trainer metrics endpoint on rank 0 (read by the operator for status.progress).",
 }
 KEEP = ("type", "description", "default", "enum", "minimum", "maximum", "minLength", "maxLength",
-        "pattern", "minItems", "maxItems", "format", "x-kubernetes-validations")  # the last: URI types (uris.py)
+        "pattern", "minItems", "maxItems", "format", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
+        "x-kubernetes-validations")  # the last: URI types (uris.py)
 IMMUTABLE = ("model", "data")
 # workers may change (the gang restarts, rescale.py), and with it the per-rank batch split, so that
 # the global batch batchSize x gradientAccumulationSteps x workers (which exact resume needs) can stay.

@@ -51,9 +51,9 @@ def record_failure(memo: kopf.Memo, dpo: dict[str, Any], err: BaseException) -> 
         _retries(memo).pop(key, None)
         text = f"{outcome.field}: {outcome.message}"
         reason = "InvalidSpec" if outcome.status is None and what == "spec" else "CreateRefused"
-        patch = status_patch(status, Transition("Failed", reason, text, warning=True), now)
+        patch = status_patch(status, Transition("Failed", reason, text, warning=True), now,
+                             generation=meta.get("generation"))
         patch["conditions"] = [c for c in patch["conditions"] if c.get("type") != RETRYING]
-        patch["observedGeneration"] = meta.get("generation")
         memo.kube.patch_dpojob_status(key[0], key[1], patch)
         kopf.event(kopf.Body(cast(kopf.RawBody, dpo)), type="Warning", reason=reason, message=text[:1000])
         memo.metrics.observe_phase(key[0], key[1], "Failed")

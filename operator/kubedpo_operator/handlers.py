@@ -36,17 +36,20 @@ from .settings import OperatorSettings
 from .status import (
     JobState,
     Transition,
+    created_patch,
     desired_suspend,
     initial_status,
     invalid_status,
     job_state,
     next_transition,
     now_iso,
+    observed_patch,
     rediscovered_status,
     remaining_deadline,
     status_patch,
     ttl_expired,
 )
+from .task_result import result_patch
 
 log = logging.getLogger("kubedpo_operator")
 
@@ -107,7 +110,7 @@ def ensure_or_record(memo: kopf.Memo, dpo: dict[str, Any], spec: DPOJobSpec, att
         _note_foreign(memo, dpo, err)
         return False
     record_success(memo, namespace, name)
-    _record_job(memo, namespace, name, dpo.get("status") or {}, attempt)
+    _record_job(memo, namespace, name, attempt)
     return True
 
 
@@ -140,10 +143,15 @@ def _why_pending(memo: kopf.Memo, namespace: str, job: Mapping[str, Any]) -> Job
     return JobState("pending", *problem) if problem else None
 
 
-def _record_job(memo: kopf.Memo, namespace: str, name: str, status: dict[str, Any], attempt: int) -> None:
-    """status.currentJob, once the attempt's Job exists: from then on, its absence is a failure."""
-    if status.get("currentJob") != job_name(name, attempt):
-        memo.kube.patch_dpojob_status(namespace, name, {"currentJob": job_name(name, attempt)})
+def _record_job(memo: kopf.Memo, namespace: str, name: str, attempt: int) -> None:
+    """status.currentJob and Created=True, once the attempt's Job exists: from then on, its absence
+    is a failure. On a fresh read, so conditions written since the caller's read are kept."""
+    dpo = memo.kube.get_dpojob(namespace, name)
+    if dpo is None:
+        return
+    patch = created_patch(dpo.get("status") or {}, name, attempt, now_iso(), dpo["metadata"].get("generation"))
+    if patch:
+        memo.kube.patch_dpojob_status(namespace, name, patch)
 
 
 def _note_foreign(memo: kopf.Memo, dpo: dict[str, Any], err: ForeignChild) -> None:
@@ -202,9 +210,18 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
                     bool((job.get("spec") or {}).get("suspend")) != want:
                 memo.kube.patch_job(namespace, job_name(name, attempt), {"spec": {"suspend": want}})
         t = next_transition(status, state, spec.run_policy, spec.workers)
+        generation = dpo["metadata"].get("generation")
         if t is None:
+            observed = observed_patch(status, generation)
+            if observed:  # a spec edit that changed nothing: say the conditions hold for it
+                memo.kube.patch_dpojob_status(namespace, name, observed)
             return
-        memo.kube.patch_dpojob_status(namespace, name, status_patch(status, t, now_iso(), spec.output.uri))
+        patch = status_patch(status, t, now_iso(), spec.output.uri, generation=generation)
+        if t.phase == "Succeeded":  # rank 0's result, from its termination message (task_result.py)
+            pods = memo.kube.list_pods(namespace, f"{JOB_NAME_LABEL}={job_name(name, attempt)}")
+            patch.update(result_patch(pods, job_name(name, attempt), JOB_NAME_LABEL, patch["conditions"], now_iso(),
+                                      generation))
+        memo.kube.patch_dpojob_status(namespace, name, patch)
         _event(dpo, t.warning, t.reason, t.message)
         memo.metrics.observe_phase(namespace, name, t.phase)
         memo.metrics.transitions.labels(phase=t.phase).inc()
@@ -243,12 +260,13 @@ def reconcile(*, body: kopf.Body, name: str, namespace: str | None, uid: str, me
                 memo.metrics.observe_phase(namespace, name, status["phase"])
                 return
             if not status.get("phase"):
-                status = _first_status(memo, namespace, name, uid, meta.get("generation"), spec.workers)
-                plan = memory_condition(spec, status["startTime"], memo.settings.memory_plan_timeout_s)
+                status, reason = _first_status(memo, namespace, name, uid, meta.get("generation"), spec.workers)
+                plan = memory_condition(spec, status["startTime"], memo.settings.memory_plan_timeout_s,
+                                        meta.get("generation"))
                 if plan is not None:
                     status["conditions"].append(plan)
                 memo.kube.patch_dpojob_status(namespace, name, status)
-                _event(dict(body), False, status["conditions"][0]["reason"], status["message"])
+                _event(dict(body), False, reason, status["message"])
                 if plan is not None and plan["status"] == "False":
                     _event(dict(body), True, "MemoryPlan", plan["message"])
             memo.metrics.observe_phase(namespace, name, status["phase"])
@@ -264,17 +282,18 @@ def reconcile(*, body: kopf.Body, name: str, namespace: str | None, uid: str, me
                 _note_foreign(memo, {**fresh, "status": status}, err)
                 raise kopf.TemporaryError(err.message, delay=memo.settings.handler_backoff_s) from None
             record_success(memo, namespace, name)
-            _record_job(memo, namespace, name, status, int(status.get("attempt") or 0))
+            _record_job(memo, namespace, name, int(status.get("attempt") or 0))
 
 
 def _first_status(memo: kopf.Memo, namespace: str, name: str, uid: str, generation: int | None,
-                  workers: int) -> dict[str, Any]:
-    """A new DPOJob's status, or, when its Jobs exist (status lost), the live attempt's."""
+                  workers: int) -> tuple[dict[str, Any], str]:
+    """A new DPOJob's status, or, when its Jobs exist (status lost), the live attempt's; and the
+    reason of the event that announces it."""
     jobs = owned_jobs(memo.kube.list_jobs(namespace, selector(name)), name, uid)
     if not jobs:
-        return initial_status(generation, now_iso(), workers)
+        return initial_status(generation, now_iso(), workers), "Created"
     first = jobs[min(jobs)]["metadata"].get("creationTimestamp")
-    return rediscovered_status(name, generation, now_iso(), max(jobs), first)
+    return rediscovered_status(name, generation, now_iso(), max(jobs), first), "StatusRediscovered"
 
 
 def on_suspend(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str | None, meta: kopf.Meta,
@@ -301,14 +320,16 @@ def on_suspend(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str
         attempt = int(status.get("attempt") or 0)
         keep_suspended = suspend or bool(spec.run_policy.queue_name)
         memo.kube.patch_job(namespace, job_name(name, attempt), {"spec": {"suspend": keep_suspended}})
-        patch: dict[str, Any] = {"observedGeneration": fresh["metadata"].get("generation")}
+        generation = fresh["metadata"].get("generation")
+        patch = observed_patch(status, generation)  # already reported by sync: conditions hold for it
         if suspend != (status.get("phase") == "Suspended"):  # not already reported by sync
             phase, reason = ("Suspended", "Suspended") if suspend else ("Pending", "Resumed")
             message = "runPolicy.suspend set: pods stopped" if suspend else "runPolicy.suspend cleared: resuming"
-            patch.update(status_patch(status, Transition(phase, reason, message), now_iso()))
+            patch = status_patch(status, Transition(phase, reason, message), now_iso(), generation=generation)
             _event(fresh, False, reason, message)
             memo.metrics.observe_phase(namespace, name, phase)
-        memo.kube.patch_dpojob_status(namespace, name, patch)
+        if patch:
+            memo.kube.patch_dpojob_status(namespace, name, patch)
 
 
 def on_job_event(*, type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -332,9 +353,10 @@ async def on_tick(*, body: kopf.Body, name: str, namespace: str | None, memo: ko
     except SpecError:
         return
     if status.get("phase") in FINISHED_PHASES:
-        if ttl_expired(status, spec.run_policy, datetime.now(UTC)):
-            await asyncio.to_thread(memo.kube.delete_dpojob, namespace, name)
-            memo.metrics.observe_phase(namespace, name, None)
+        with memo.metrics.timed("ttl"):  # also shows that finished jobs' timers run (and cost nothing)
+            if ttl_expired(status, spec.run_policy, datetime.now(UTC)):
+                await asyncio.to_thread(memo.kube.delete_dpojob, namespace, name)
+                memo.metrics.observe_phase(namespace, name, None)
         return
     if not status.get("phase"):
         return
@@ -384,4 +406,8 @@ def build_registry(settings: OperatorSettings, login: bool = True) -> kopf.Opera
                   registry=r, id="job")(on_job_event)
     kopf.timer(GROUP, VERSION, PLURAL, interval=settings.progress_interval_s, registry=r, id="tick",
                backoff=backoff)(on_tick)
+    from .pipeline_api import PIPELINE_PLURAL
+    from .pipeline_handlers import register  # builds on this module's helpers
+
+    register(r, GROUP, VERSION, PIPELINE_PLURAL, PLURAL, settings.progress_interval_s, backoff)
     return r

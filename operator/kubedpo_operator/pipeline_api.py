@@ -28,7 +28,7 @@ from kubedpo_trainer.config import (
 )
 from kubedpo_trainer.stage_config import GenerateConfig, JudgeConfig
 
-from .api import MAX_NAME, ClusterFields, Condition, validate_spec
+from .api import CONDITIONS_LIST, MAX_NAME, ClusterFields, Condition, validate_spec
 from .spec_rules import CREDENTIALS_MESSAGE, has_credentials
 
 PIPELINE_KIND = "DPOPipeline"
@@ -172,11 +172,13 @@ class DPOPipelineStatus(Schema):
     stage: Stage | None = Field(None, description="sft, generate, judge, train, evaluate or done.")
     round: int | None = Field(None, description="Current round (0 during SFT).")
     rounds: int | None = Field(None, description="Rounds planned.")
+    round_of: str | None = Field(None, description="round/rounds as text, for kubectl get (e.g. 1/2).")
     current_job: str | None = Field(None, description="The DPOJob running the current stage.")
     stage_progress: StageProgress | None = Field(None, description="Progress of the current stage.")
     results: list[RoundResult] | None = Field(None, description="One entry per finished round.")
     output_uri: str | None = Field(None, description="The final policy (set on success).")
-    conditions: list[Condition] | None = Field(None, description="Kubernetes-style conditions.")
+    conditions: list[Condition] | None = Field(None, description="Kubernetes-style conditions, one per type.",
+                                               json_schema_extra=CONDITIONS_LIST)
     start_time: str | None = Field(None, description="When the first stage was created.")
     completion_time: str | None = Field(None, description="When the pipeline finished.")
     observed_generation: int | None = Field(None, description="metadata.generation last acted upon.")

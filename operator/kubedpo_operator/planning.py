@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .conditions import set_condition
 from .memory_plan import Plan, make_plan
 from .model_source import ModelConfigUnavailable, read_config_json
 
@@ -49,10 +50,13 @@ def plan_warning(spec: Any, gpu_memory_gib: float | None = None, timeout_s: floa
                     f"{plan.gpu_memory_gib:g} GiB (largest batchSize {plan.largest_batch})")
 
 
-def memory_condition(spec: Any, now: str, timeout_s: float) -> dict[str, Any] | None:
-    """The MemoryPlan condition of a GPU job; None for CPU jobs or when disabled (timeout 0)."""
+def memory_condition(spec: Any, now: str, timeout_s: float, generation: int | None = None
+                     ) -> dict[str, Any] | None:
+    """The MemoryPlan condition of a GPU job; None for CPU jobs or when disabled (timeout 0).
+
+    `generation`: the metadata.generation of the spec estimated (the condition's observedGeneration)."""
     if timeout_s <= 0 or not spec.gpus_per_worker:
         return None
     status, message = plan_warning(spec, timeout_s=timeout_s)
     reason = {"True": "Fits", "False": "MayNotFit", "Unknown": "NotEstimated"}[status]
-    return {"type": CONDITION, "status": status, "reason": reason, "message": message, "lastTransitionTime": now}
+    return set_condition(None, CONDITION, status, reason, message, now, generation)[0]

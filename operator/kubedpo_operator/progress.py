@@ -33,7 +33,7 @@ FIELDS = {
     "loss": "loss",
     "rewardAccuracy": "rewards_accuracies",
     "rewardMargin": "rewards_margins",
-    "tokensPerSecond": "tokens_per_second",
+    "tokensPerSecond": "job_tokens_per_second",  # all ranks (rank 0's own is tokens_per_second)
 }
 INT_FIELDS = ("step", "totalSteps")
 # The largest integer status carries exactly (JSON readers use doubles; the CRD says int64).

@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from .api import SpecError, parse_spec
-from .handlers import _event, delete_attempt, ensure_attempt, namespaced
+from .handlers import _event, _record_job, delete_attempt, ensure_attempt, namespaced
 from .status import FINISHED_PHASES, Transition, now_iso, status_patch
 
 
@@ -37,10 +37,11 @@ def on_workers(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str
         t = Transition("Restarting", "WorkersChanged",
                        f"spec.workers {old} -> {new}: restarting the gang as attempt {attempt + 1}; it resumes "
                        "from the newest checkpoint (the global batch size must stay the same)")
-        patch = {**status_patch(status, t, now_iso()), "attempt": attempt + 1,
-                 "observedGeneration": meta.get("generation")}
+        patch = {**status_patch(status, t, now_iso(), generation=meta.get("generation")), "attempt": attempt + 1,
+                 "currentJob": None}
         memo.kube.patch_dpojob_status(namespace, name, patch)
         _event(dict(fresh), False, t.reason, t.message)
         memo.metrics.observe_phase(namespace, name, t.phase)
         delete_attempt(memo, namespace, name, attempt)
         ensure_attempt(memo, namespace, name, fresh["metadata"]["uid"], spec, attempt + 1, status.get("startTime"))
+        _record_job(memo, namespace, name, attempt + 1)

@@ -13,6 +13,14 @@ The decision table (what happens when the attempt's Job reaches a state):
 | every worker ready | spec not suspended | Running |
 | pods not all ready | a pod unschedulable / image pull / config error, or FailedCreate | Pending (that reason) |
 | suspended / spec suspended | – | Suspended (user) or Pending/Queued (Kueue) |
+
+Conditions (conditions.py has the conventions): the state-style types Running, Suspended,
+Succeeded and Failed are all present from the first status on; the one named like the phase is
+True (none while Pending or Restarting), and every one of them carries the reason and message
+of the current phase, so a False condition says why (Running=False reason Suspended, Unschedulable,
+WorkerFailed, Succeeded...). `Created` is True while the current attempt's children exist; a
+restart turns it False until the next attempt's Job is created, so its lastTransitionTime is
+when the current attempt began. Every condition carries the generation it was computed from.
 """
 
 from __future__ import annotations
@@ -25,9 +33,16 @@ from typing import Any
 
 from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED
 
-from .api import FINISHED_PHASES, PHASES, RunPolicy
+from .api import FINISHED_PHASES, RunPolicy
 from .children import RULE_CONFIG, RULE_PREEMPTED, job_name
+from .conditions import CREATED, find, is_true, set_condition, set_states, without
 from .gang import all_ready
+
+# State-style condition types driven by the phase (Pending and Restarting have none: all False).
+STATE_TYPES = ("Running", "Suspended", "Succeeded", "Failed")
+# Phase conditions written before state-style conditions; nothing would keep them true, so the
+# next transition drops them.
+LEGACY_TYPES = ("Pending", "Restarting")
 
 _RULE_RE = re.compile(r"exit code (\d+) matching FailJob rule at index (\d+)")
 
@@ -92,7 +107,7 @@ def next_transition(status: Mapping[str, Any], job: JobState, policy: RunPolicy,
     t = _decide(status, job, policy, workers)
     if t is None or t.restart:  # a restart moves to the next attempt, so it never repeats
         return t
-    if t.phase == status.get("phase") and t.reason == _reason(status, t.phase):
+    if t.phase == status.get("phase") and t.reason == phase_reason(status):
         return None
     return t
 
@@ -131,46 +146,50 @@ def _decide(status: Mapping[str, Any], job: JobState, policy: RunPolicy, workers
         return Transition("Pending", job.reason, f"attempt {attempt}: {job.message}", True)
     if status.get("phase") == "Restarting":
         return None  # the next attempt's pods are being scheduled
-    return Transition("Pending", "Created", f"attempt {attempt}: waiting for {workers} worker pods")
+    return Transition("Pending", "Pending", f"attempt {attempt}: waiting for {workers} worker pods")
 
 
-def _reason(status: Mapping[str, Any], phase: str) -> str:
-    for c in status.get("conditions") or []:
-        if c.get("type") == phase and c.get("status") == "True":
-            return c.get("reason", "")
-    return ""
+def phase_reason(status: Mapping[str, Any]) -> str:
+    """The reason of the current phase, as the conditions record it ("" when they do not).
 
-
-def with_condition(conditions: list[Mapping[str, Any]] | None, phase: str, reason: str, message: str,
-                   now: str) -> list[dict[str, Any]]:
-    """One condition per phase: the new phase True, every other phase condition False.
-
-    lastTransitionTime changes only when a condition's status flips (Kubernetes convention).
+    A phase condition that is True names it (a state type, or a status the previous release
+    wrote); otherwise (Pending, Restarting) every state condition carries it.
     """
-    out: dict[str, dict[str, Any]] = {c["type"]: dict(c) for c in conditions or []}
-    for p in PHASES:
-        want = "True" if p == phase else "False"
-        c = out.get(p)
-        if c is None:
-            if want == "True":
-                out[p] = {"type": p, "status": "True", "reason": reason, "message": message,
-                          "lastTransitionTime": now}
-            continue
-        if c.get("status") != want:
-            c.update(status=want, lastTransitionTime=now)
-        if want == "True":
-            c.update(reason=reason, message=message)
-    return [out[k] for k in out]
+    conditions = status.get("conditions")
+    current = find(conditions, str(status.get("phase")))
+    if current is not None and current.get("status") == "True":
+        return str(current.get("reason", ""))
+    running = find(conditions, "Running")
+    return str(running.get("reason", "")) if running is not None and running.get("status") == "False" else ""
 
 
-def status_patch(status: Mapping[str, Any], t: Transition, now: str, output_uri: str | None = None
-                 ) -> dict[str, Any]:
-    """The merge patch of .status for a transition (restart bookkeeping included)."""
-    patch: dict[str, Any] = {
-        "phase": t.phase,
-        "message": t.message,
-        "conditions": with_condition(status.get("conditions"), t.phase, t.reason, t.message, now),
-    }
+def phase_conditions(conditions: Any, t: Transition, now: str, generation: int | None) -> list[dict[str, Any]]:
+    """The state conditions after transition `t` (legacy phase types dropped, the rest kept)."""
+    true_type = t.phase if t.phase in STATE_TYPES else None
+    return set_states(without(conditions, LEGACY_TYPES), STATE_TYPES, true_type, t.reason, t.message, now,
+                      generation)
+
+
+def status_patch(status: Mapping[str, Any], t: Transition, now: str, output_uri: str | None = None, *,
+                 generation: int | None) -> dict[str, Any]:
+    """The merge patch of .status for a transition (restart bookkeeping included).
+
+    `generation`: the DPOJob's metadata.generation this transition was decided on; it becomes
+    status.observedGeneration and every written condition's observedGeneration.
+    """
+    conditions = phase_conditions(status.get("conditions"), t, now, generation)
+    attempt = int(status.get("attempt") or 0)
+    if t.phase == "Restarting":  # the attempt's children are deleted; the next ones are created after
+        conditions = set_condition(conditions, CREATED, False, t.reason, f"attempt {attempt}'s children are "
+                                   f"replaced by attempt {attempt + 1}'s: {t.message}", now, generation)
+    elif find(conditions, CREATED) is None or (t.finished and not is_true(conditions, CREATED)):
+        # finished (refused, invalid) before the attempt's children existed: Created says why
+        conditions = set_condition(conditions, CREATED, False, t.reason, t.message, now, generation)
+    else:
+        conditions = _refresh_generation(conditions, CREATED, generation)
+    patch: dict[str, Any] = {"phase": t.phase, "message": t.message, "conditions": conditions}
+    if generation is not None:
+        patch["observedGeneration"] = generation
     if t.restart:
         patch["attempt"] = int(status.get("attempt") or 0) + 1
         patch["currentJob"] = None  # set again once the next attempt's Job exists
@@ -185,17 +204,47 @@ def status_patch(status: Mapping[str, Any], t: Transition, now: str, output_uri:
     return patch
 
 
+def _refresh_generation(conditions: Any, kind: str | tuple[str, ...], generation: int | None
+                        ) -> list[dict[str, Any]]:
+    """`kind` re-stamped with the generation it was just checked against (nothing else moves)."""
+    kinds = (kind,) if isinstance(kind, str) else kind
+    return [{**c, "observedGeneration": generation} if c.get("type") in kinds and generation is not None
+            else dict(c) for c in conditions or []]
+
+
+def observed_patch(status: Mapping[str, Any], generation: int | None) -> dict[str, Any]:
+    """A spec edit that changed no phase: the phase conditions hold for the new generation too
+    (sync re-decided them from the edited spec); {} when already recorded."""
+    if generation is None or status.get("observedGeneration") == generation:
+        return {}
+    return {"observedGeneration": generation,
+            "conditions": _refresh_generation(status.get("conditions"), (CREATED, *STATE_TYPES), generation)}
+
+
 def initial_status(generation: int | None, now: str, workers: int) -> dict[str, Any]:
-    t = Transition("Pending", "Created", f"attempt 0: waiting for {workers} worker pods")
+    t = Transition("Pending", "Pending", f"attempt 0: waiting for {workers} worker pods")
+    creating = set_condition(None, CREATED, False, "Creating", "attempt 0: creating its ConfigMap, Service and Job",
+                             now, generation)
     return {"attempt": 0, "restarts": 0, "preemptions": 0, "startTime": now,
-            "observedGeneration": generation, **status_patch({}, t, now)}
+            **status_patch({"conditions": creating}, t, now, generation=generation)}
+
+
+def created_patch(status: Mapping[str, Any], name: str, attempt: int, now: str, generation: int | None
+                  ) -> dict[str, Any]:
+    """Once the attempt's Job exists: status.currentJob and Created=True ({} when both are set)."""
+    job = job_name(name, attempt)
+    conditions = set_condition(status.get("conditions"), CREATED, True, "JobCreated",
+                               f"attempt {attempt}: Job {job} and its ConfigMap and Service exist", now, generation)
+    if status.get("currentJob") == job and find(status.get("conditions"), CREATED) == find(conditions, CREATED):
+        return {}
+    return {"currentJob": job, "conditions": conditions}
 
 
 def invalid_status(field: str, message: str, generation: int | None, now: str) -> dict[str, Any]:
     """Failed with a condition naming the field; the operator never retries an invalid spec."""
     text = f"{field}: {message}" if not message.startswith(field) else message
     t = Transition("Failed", "InvalidSpec", text, warning=True)
-    return {**status_patch({}, t, now), "observedGeneration": generation}
+    return status_patch({}, t, now, generation=generation)
 
 
 def remaining_deadline(policy: RunPolicy, start_time: str | None, now: datetime) -> int | None:
@@ -221,8 +270,10 @@ def rediscovered_status(name: str, generation: int | None, now: str, attempt: in
     """
     t = Transition("Pending", "StatusRediscovered", f"status was lost: attempt {attempt} rediscovered from "
                    f"its Job; its {attempt} earlier attempts are counted as restarts")
+    found = set_condition(None, CREATED, True, "StatusRediscovered",
+                          f"attempt {attempt}: Job {job_name(name, attempt)} exists", now, generation)
     return {"attempt": attempt, "restarts": attempt, "preemptions": 0, "startTime": start_time or now,
-            "observedGeneration": generation, "currentJob": job_name(name, attempt), **status_patch({}, t, now)}
+            "currentJob": job_name(name, attempt), **status_patch({"conditions": found}, t, now, generation=generation)}
 
 
 def desired_suspend(policy: RunPolicy) -> bool | None:

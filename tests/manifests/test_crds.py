@@ -14,13 +14,16 @@ from tests.manifests.conftest import CHART, ROOT
 
 GENERATED = ROOT / "crds" / "kubedpo.io_dpojobs.yaml"
 CHART_COPY = CHART / "crds" / "kubedpo.io_dpojobs.yaml"
+GENERATED_ALL = [GENERATED, ROOT / "crds" / "kubedpo.io_dpopipelines.yaml"]
 SYNC = ROOT / "scripts" / "sync-chart-crds.sh"
 
 
-def test_chart_crd_equals_generated_crd() -> None:
-    assert CHART_COPY.read_bytes() == GENERATED.read_bytes(), (
-        f"{CHART_COPY.relative_to(ROOT)} differs from {GENERATED.relative_to(ROOT)}: "
-        "run scripts/sync-chart-crds.sh (never edit the chart copy)")
+def test_chart_crds_equal_generated_crds() -> None:
+    for generated in GENERATED_ALL:
+        copy = CHART / "crds" / generated.name
+        assert copy.read_bytes() == generated.read_bytes(), (
+            f"{copy.relative_to(ROOT)} differs from {generated.relative_to(ROOT)}: "
+            "run scripts/sync-chart-crds.sh (never edit the chart copy)")
 
 
 def test_sync_script_check_mode_detects_drift(tmp_path) -> None:
@@ -32,7 +35,9 @@ def test_sync_script_check_mode_detects_drift(tmp_path) -> None:
     (tmp_path / "charts/kubedpo/crds").mkdir(parents=True)
     script = tmp_path / "scripts" / SYNC.name
     script.write_bytes(SYNC.read_bytes())
-    (tmp_path / "crds" / GENERATED.name).write_bytes(GENERATED.read_bytes())
+    for generated in GENERATED_ALL:  # every generated CRD, in sync but for the drifted one
+        (tmp_path / "crds" / generated.name).write_bytes(generated.read_bytes())
+        (tmp_path / "charts/kubedpo/crds" / generated.name).write_bytes(generated.read_bytes())
     drifted = tmp_path / "charts/kubedpo/crds" / CHART_COPY.name
     drifted.write_text(GENERATED.read_text().replace("served: true", "served: false"))
     stale = subprocess.run(["bash", str(script), "--check"], capture_output=True, text=True, timeout=30)

@@ -26,12 +26,14 @@ import pytest
 from kubedpo_operator.api import GROUP, PLURAL, VERSION
 from kubedpo_operator.handlers import build_registry, make_memo
 from kubedpo_operator.kube import Kube
+from kubedpo_operator.pipeline_api import PIPELINE_PLURAL
 from kubedpo_operator.settings import OperatorSettings
 
 NS = "team-a"
 DPO = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}"
 PATHS = {
     "DPOJob": DPO,
+    "DPOPipeline": f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PIPELINE_PLURAL}",
     "Job": f"/apis/batch/v1/namespaces/{NS}/jobs",
     "Service": f"/api/v1/namespaces/{NS}/services",
     "ConfigMap": f"/api/v1/namespaces/{NS}/configmaps",
@@ -91,8 +93,11 @@ class Emulator(kmock.KubernetesEmulator):
                     meta["name"] = meta["generateName"] + uuid.uuid4().hex[:12]  # 5 chars collided at 1500 events
                 _set_data(request, {**data, "metadata": meta})
             elif request.action == kmock.action.UPDATE and isinstance(data, dict):
-                _set_data(request, {**data, "metadata": {
-                    **(data.get("metadata") or {}), "resourceVersion": rv}})
+                meta = {**(data.get("metadata") or {}), "resourceVersion": rv}
+                generation = self._next_generation(request, data)
+                if generation is not None:
+                    meta["generation"] = generation
+                _set_data(request, {**data, "metadata": meta})
             elif request.action == kmock.action.UPDATE and isinstance(data, list):
                 _set_data(request, [
                     *data, {"op": "add", "path": "/metadata/resourceVersion", "value": rv}])
@@ -106,6 +111,19 @@ class Emulator(kmock.KubernetesEmulator):
         except jsonpatch.JsonPatchTestFailed as err:  # kopf expects 422 on a stale resourceVersion
             raise kmock.KubernetesError(status=422, reason="Invalid", message=str(err)) from None
 
+
+    def _next_generation(self, request: Any, patch: dict[str, Any]) -> int | None:
+        """The generation a merge patch of an object leaves: + 1 when it changes the spec, as the
+        API server does (never for status or metadata alone); None for a patch without spec."""
+        key = (request.resource, request.namespace, request.name)
+        if request.subresource is not None or not request.name or key not in self.objects:
+            return None
+        stored = self.objects[key]
+        if stored.deleted or "spec" not in patch:
+            return None
+        if not _merge_changes(patch["spec"], stored.get("spec")):
+            return int((stored.get("metadata") or {}).get("generation") or 1)
+        return int((stored.get("metadata") or {}).get("generation") or 1) + 1
 
     async def _serve_list(self, request: Any) -> Any:
         result = dict(await super()._serve_list(request))
@@ -130,6 +148,13 @@ class Emulator(kmock.KubernetesEmulator):
                     yield event
         finally:
             await bus.unmark(mark)
+
+
+def _merge_changes(patch: Any, current: Any) -> bool:
+    """Whether applying merge patch `patch` to `current` changes it."""
+    if not isinstance(patch, dict) or not isinstance(current, dict):
+        return patch != current
+    return any(_merge_changes(v, current.get(k)) if v is not None else k in current for k, v in patch.items())
 
 
 def _set_data(request: Any, data: Any) -> None:
@@ -172,6 +197,12 @@ class FakeCluster:
         code, out = await self._call("post", DPO, json=body)
         assert code in (200, 201), out.get("message")
         return out
+
+    async def create_pipeline(self, name: str, spec: dict[str, Any]) -> dict:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DPOPipeline",
+                "metadata": {"name": name, "namespace": NS, "uid": str(uuid.uuid4()), "generation": 1},
+                "spec": spec}
+        return await self.create("DPOPipeline", body)
 
     async def create(self, kind: str, body: dict[str, Any]) -> dict:
         code, out = await self._call("post", PATHS[kind], json=body)
@@ -232,6 +263,8 @@ def cluster(kmock: Any) -> FakeCluster:
         kind="CustomResourceDefinition", namespaced=False, verbs=VERBS)
     res[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
         kind="DPOJob", namespaced=True, verbs=VERBS, subresources=["status"], shortnames=["dpoj"])
+    res[f"{GROUP}/{VERSION}/{PIPELINE_PLURAL}"] = kmock.ResourceInfo(
+        kind="DPOPipeline", namespaced=True, verbs=VERBS, subresources=["status"], shortnames=["dpop"])
     res["batch/v1/jobs"] = kmock.ResourceInfo(kind="Job", namespaced=True, verbs=VERBS, subresources=["status"])
     res["v1/services"] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS)
     res["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS)

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from kubedpo_operator.gang import all_ready, gang_problem
+from kubedpo_operator.status import phase_reason
 from tests.operator.conftest import NS, eventually, minimal_spec
 
 
@@ -82,8 +83,7 @@ async def test_missing_service_account_is_reported_from_the_jobs_events(cluster,
 
 async def _reason(cluster, name: str, phase: str, reason: str) -> dict | None:
     st = await cluster.status(name)
-    cond = next((c for c in st.get("conditions") or [] if c["type"] == phase), None)
-    return st if st.get("phase") == phase and cond and cond["reason"] == reason else None
+    return st if st.get("phase") == phase and phase_reason(st) == reason else None
 
 
 async def _events(cluster, name: str, reason: str) -> list[dict] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kubedpo_operator.api import parse_spec
 from kubedpo_operator.children import build_children
 from kubedpo_operator.settings import OperatorSettings
+from kubedpo_operator.status import phase_reason
 from tests.operator.conftest import NS, eventually, minimal_spec
 
 SERVER_FIELDS = ("uid", "resourceVersion", "creationTimestamp")
@@ -41,7 +42,8 @@ async def test_running_then_succeeded_with_events(cluster, operator):
     st = await eventually(lambda: _phase(cluster, "ok", "Succeeded"))
     assert st["outputUri"] == "s3://runs/final/" and st["completionTime"]
     conds = {c["type"]: c["status"] for c in st["conditions"]}
-    assert conds == {"Pending": "False", "Running": "False", "Succeeded": "True"}
+    assert conds == {"Created": "True", "Running": "False", "Suspended": "False", "Succeeded": "True",
+                     "Failed": "False"}
     reasons = await eventually(lambda: _event_reasons(cluster, "ok", 3))
     assert reasons[:3] == ["Created", "Running", "Succeeded"]
 
@@ -139,7 +141,8 @@ async def test_changing_workers_restarts_the_gang_at_the_new_size_without_counti
     assert await cluster.get("Job", "grow-0") is None
     st = await cluster.status("grow")
     assert st["attempt"] == 1 and st["restarts"] == 0 and st["preemptions"] == 0
-    assert _cond(st, "Restarting")["reason"] == "WorkersChanged" and "2 -> 1" in st["message"]
+    assert phase_reason(st) == "WorkersChanged" and "2 -> 1" in st["message"]
+    assert _cond(st, "Running")["status"] == "False" and "2 -> 1" in _cond(st, "Running")["message"]
     await cluster.set_job("grow-1", active=1)
     await eventually(lambda: _phase(cluster, "grow", "Running"))
 
@@ -197,7 +200,7 @@ async def _phase(cluster, name: str, phase: str) -> dict | None:
 
 async def _reason_is(cluster, name: str, phase: str, reason: str) -> bool:
     st = await cluster.status(name)
-    return st.get("phase") == phase and _cond(st, phase)["reason"] == reason
+    return st.get("phase") == phase and phase_reason(st) == reason
 
 
 async def _absent(cluster, kind: str, name: str) -> bool:

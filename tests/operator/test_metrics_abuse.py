@@ -137,7 +137,7 @@ async def test_hostile_metrics_endpoints_harm_only_their_own_dpojob(spawn: Any, 
     assert _cond(huge_st, "ProgressAvailable")["status"] == "False" and huge_st["phase"] == "Running"
     assert "metrics_max_bytes" in _cond(huge_st, "ProgressAvailable")["message"]
     inf_msg = _cond(inf_st, "ProgressAvailable")["message"]
-    assert "eta_seconds" in inf_msg and "loss" in inf_msg and "tokens_per_second" in inf_msg
+    assert "eta_seconds" in inf_msg and "loss" in inf_msg and "job_tokens_per_second" in inf_msg
     progress = await eventually(lambda: _progress(cluster, "inf"), timeout=30)
     assert progress["step"] == 50 and progress["rewardAccuracy"] == 0.5 and progress["totalSteps"] == 100
     for dpo in await cluster.list("DPOJob"):

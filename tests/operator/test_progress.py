@@ -20,7 +20,8 @@ from kubedpo_trainer.metrics import TrainerMetrics
 from tests.operator.conftest import eventually, minimal_spec
 
 GAUGES = {"step": 120, "total_steps": 400, "epoch": 0.3, "loss": 0.52, "rewards_accuracies": 0.75,
-          "rewards_margins": 1.25, "tokens_per_second": 3100.5, "last_checkpoint_step": 100, "eta_seconds": 3725}
+          "rewards_margins": 1.25, "tokens_per_second": 3100.5, "job_tokens_per_second": 6150.0,
+          "last_checkpoint_step": 100, "eta_seconds": 3725}
 
 
 def _serve(values: dict) -> int:
@@ -39,7 +40,8 @@ async def test_progress_from_a_live_endpoint():
     text = await fetch_metrics(f"http://127.0.0.1:{port}/metrics", 2)
     patch = progress_patch(parse_metrics(text), "s3://runs/ckpt", "now")
     assert patch["progress"] == {"step": 120, "totalSteps": 400, "epoch": 0.3, "loss": 0.52,
-                                 "rewardAccuracy": 0.75, "rewardMargin": 1.25, "tokensPerSecond": 3100.5,
+                                 "rewardAccuracy": 0.75, "rewardMargin": 1.25,
+                                 "tokensPerSecond": 6150.0,  # the job's, not rank 0's 3100.5
                                  "eta": "1h02m", "updatedAt": "now"}
     assert patch["lastCheckpoint"] == {"uri": "s3://runs/ckpt/step-000100/", "step": 100}
 

@@ -6,7 +6,8 @@ What the operator uses is derived, not listed by hand, from two sources:
 - recorded: every request the operator (kopf's own client and ours, told apart from this test's
   requests by User-Agent) sent to the kmock API server while one DPOJob went through creation,
   a pending gang, running, progress, suspend/resume, a restart and TTL deletion.
-The chart's ClusterRole (cluster-wide mode, rendered by a real helm) must equal their union,
+A DPOPipeline then creates its first stage DPOJob, runs it and suspends it (pipeline_kube.py's
+calls are recorded). The chart's ClusterRole (cluster-wide mode, rendered by a real helm) must equal their union,
 per resource and verb, except the few grants the API server itself requires without a call
 (listed in NOT_CALLS, each with its reason).
 """
@@ -23,6 +24,7 @@ import pytest
 import yaml
 
 from kubedpo_operator.api import GROUP, PLURAL
+from kubedpo_operator.pipeline_api import PIPELINE_PLURAL
 from tests.manifests.conftest import CHART, run_helm
 from tests.manifests.tools import require_tool
 from tests.operator.conftest import NS, eventually, minimal_spec
@@ -38,6 +40,8 @@ RESOURCES = {"config_map": "configmaps", "service": "services", "job": "jobs", "
 NOT_CALLS = {
     # OwnerReferencesPermissionEnforcement: children set blockOwnerDeletion on their DPOJob owner.
     (GROUP, f"{PLURAL}/finalizers"): {"update"},
+    # The same for stage DPOJobs owned by a DPOPipeline.
+    (GROUP, f"{PIPELINE_PLURAL}/finalizers"): {"update"},
 }
 Rules = dict[tuple[str, str], set[str]]
 
@@ -115,6 +119,15 @@ async def _scenario(cluster: Any) -> None:
     await eventually(lambda: cluster.get("Job", "rb-1"))
     await cluster.set_job("rb-1", succeeded=2, condition="Complete")
     await eventually(lambda: _absent(cluster, "rb"))  # TTL 0: the operator deletes the DPOJob
+    # A DPOPipeline: its first stage DPOJob created, running, suspended through the pipeline.
+    await cluster.create_pipeline("pl", {
+        "model": {"uri": "s3://models/tiny/"}, "prompts": {"train": "s3://prompts/"}, "output": "s3://runs/pl/",
+        "judge": {"kind": "llm", "llm": {"url": "http://judge:8000/v1", "model": "m"}}})
+    await eventually(lambda: cluster.get("Job", "pl-r1-generate-0"))
+    await cluster.set_job("pl-r1-generate-0", active=1)
+    await eventually(lambda: _pipeline_phase(cluster, "pl", "Running"))
+    await cluster.patch("DPOPipeline", "pl", {"metadata": {"generation": 2}, "spec": {"runPolicy": {"suspend": True}}})
+    await eventually(lambda: _pipeline_phase(cluster, "pl", "Suspended"))
 
 
 async def test_chart_rbac_equals_what_the_code_uses(cluster, operator, kmock) -> None:
@@ -137,11 +150,16 @@ async def test_chart_rbac_equals_what_the_code_uses(cluster, operator, kmock) ->
     missing = {k: sorted(used[k] - granted.get(k, set())) for k in used if used[k] - granted.get(k, set())}
     assert not extra, f"the chart grants verbs no code path uses: {extra}"
     assert not missing, f"the operator uses verbs the chart does not grant: {missing}"
-    assert recorded[(GROUP, PLURAL)] >= {"watch", "list", "patch"}  # kopf's own calls were seen
+    assert recorded[(GROUP, PLURAL)] >= {"watch", "list", "patch", "create"}  # kopf's and the pipeline's calls
+    assert recorded[(GROUP, f"{PIPELINE_PLURAL}/status")] == {"patch"}
 
 
 async def _phase(cluster: Any, name: str, phase: str) -> bool:
     return (await cluster.status(name)).get("phase") == phase
+
+
+async def _pipeline_phase(cluster: Any, name: str, phase: str) -> bool:
+    return (((await cluster.get("DPOPipeline", name)) or {}).get("status") or {}).get("phase") == phase
 
 
 async def _absent(cluster: Any, name: str) -> bool:

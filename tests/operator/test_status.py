@@ -7,13 +7,14 @@ from datetime import UTC, datetime, timedelta
 from kubedpo_operator.api import RunPolicy
 from kubedpo_operator.status import (
     JobState,
+    Transition,
     initial_status,
     job_state,
     next_transition,
+    phase_conditions,
     remaining_deadline,
     status_patch,
     ttl_expired,
-    with_condition,
 )
 
 NOW = "2026-01-01T00:00:00Z"
@@ -40,7 +41,7 @@ def test_counted_restarts_until_max_then_failed():
     for n in (1, 2):
         t = next_transition(status, job_state(_failed()), policy, 2)
         assert (t.phase, t.restart, t.counted) == ("Restarting", True, True)
-        status = {**status, **status_patch(status, t, NOW)}
+        status = {**status, **status_patch(status, t, NOW, generation=1)}
         assert status["restarts"] == n and status["attempt"] == n
     t = next_transition(status, job_state(_failed()), policy, 2)
     assert (t.phase, t.reason, t.restart) == ("Failed", "MaxRestartsExceeded", False)
@@ -50,7 +51,7 @@ def test_preemption_is_free_and_config_error_is_final():
     status = initial_status(1, NOW, 1)
     pre = next_transition(status, JobState("failed", "PodFailurePolicy", "", 75, 2), RunPolicy(max_restarts=0), 1)
     assert pre.restart and not pre.counted
-    patched = status_patch(status, pre, NOW)
+    patched = status_patch(status, pre, NOW, generation=1)
     assert patched["preemptions"] == 1 and "restarts" not in patched
     cfg = next_transition(status, JobState("failed", "PodFailurePolicy", "", 2, 1), RunPolicy(), 1)
     assert (cfg.phase, cfg.reason, cfg.restart) == ("Failed", "ConfigError", False)
@@ -61,7 +62,8 @@ def test_preemption_is_free_and_config_error_is_final():
 def test_no_transition_when_nothing_changed_and_none_after_finish():
     status = initial_status(1, NOW, 1)
     assert next_transition(status, JobState("pending"), RunPolicy(), 1) is None
-    running = {**status, **status_patch(status, next_transition(status, JobState("running"), RunPolicy(), 1), NOW)}
+    running = {**status, **status_patch(status, next_transition(status, JobState("running"), RunPolicy(), 1), NOW,
+                                            generation=1)}
     assert next_transition(running, JobState("running"), RunPolicy(), 1) is None
     assert next_transition({**running, "phase": "Succeeded"}, job_state(_failed()), RunPolicy(), 1) is None
 
@@ -74,12 +76,13 @@ def test_suspend_and_queue():
 
 
 def test_conditions_flip_and_keep_transition_times():
-    conds = with_condition(None, "Pending", "Created", "m", "t0")
-    conds = with_condition(conds, "Running", "Running", "m", "t1")
-    conds = with_condition(conds, "Running", "Running", "m2", "t2")
+    conds = phase_conditions(None, Transition("Pending", "Pending", "m"), "t0", 1)
+    conds = phase_conditions(conds, Transition("Running", "Running", "m"), "t1", 1)
+    conds = phase_conditions(conds, Transition("Running", "Running", "m2"), "t2", 1)
     by = {c["type"]: c for c in conds}
-    assert by["Pending"]["status"] == "False" and by["Pending"]["lastTransitionTime"] == "t1"
+    assert by["Suspended"]["status"] == "False" and by["Suspended"]["lastTransitionTime"] == "t0"
     assert by["Running"]["status"] == "True" and by["Running"]["lastTransitionTime"] == "t1"
+    assert by["Suspended"]["message"] == "m2"
 
 
 def test_deadline_and_ttl_arithmetic():

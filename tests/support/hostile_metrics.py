@@ -16,7 +16,7 @@ from pathlib import Path
 HUGE = 100 * 2**20
 OK_BODY = 'kubedpo_step{rank="0"} 50\nkubedpo_total_steps{rank="0"} 100\nkubedpo_loss{rank="0"} 0.6\n'
 INF_BODY = ('kubedpo_step{rank="0"} 50\nkubedpo_total_steps{rank="0"} 100\nkubedpo_loss{rank="0"} +Inf\n'
-            'kubedpo_eta_seconds{rank="0"} +Inf\nkubedpo_tokens_per_second{rank="0"} -Inf\n'
+            'kubedpo_eta_seconds{rank="0"} +Inf\nkubedpo_job_tokens_per_second{rank="0"} -Inf\n'
             'kubedpo_rewards_accuracies{rank="0"} 0.5\n')
 LINE = b'kubedpo_junk{rank="0",i="0123456789"} 1\n'
 

@@ -13,7 +13,14 @@ parts kubedpo depends on, from the objects the operator wrote to the (emulated) 
   the real controller writes ("... exit code N matching FailJob rule at index K") or
   BackoffLimitExceeded (backoffLimit is 0). The other pods of a failed Job are terminated
   (SIGTERM, SIGKILL after the pod's grace period), as the controller does;
-- a deleted Job's processes are killed, as the garbage collector and kubelet would.
+- each pod is also an API object (labels as the Job controller sets them, with the completion
+  index), Running while its process lives and, once it exited, `terminated` with its exit code
+  and the termination message: the container's terminationMessagePath (/dev/termination-log,
+  where KUBEDPO_RESULT_FILE points) is rewritten to a file of the pod's, read back at exit and
+  cut at 4096 bytes as the kubelet does. Pods are written before the Job's verdict, as in a
+  cluster, where the kubelet reports a pod's end before the Job controller counts it;
+- a deleted Job's processes are killed and its pod objects deleted, as the garbage collector and
+  kubelet would.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from kubedpo_operator.settings import OperatorSettings
 from .runs import free_port
 
 SIGNAL_EXIT_BASE = 128  # a container killed by signal N reports exit code 128 + N
+TERMINATION_MESSAGE_MAX = 4096  # the kubelet keeps at most this many bytes of a termination message
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 
 
 @dataclass
@@ -43,6 +52,8 @@ class Pod:
     proc: subprocess.Popen[bytes]
     log_path: Path
     log: IO[bytes]
+    message_path: Path | None = None
+    reported: bool = False
 
     @property
     def exit_code(self) -> int | None:
@@ -96,6 +107,8 @@ class StandInKubelet:
             if name not in present and not job.finished:
                 await self._terminate(job, grace_s=0)  # deleted: its pods go with it
                 job.finished = True
+                for pod in job.pods:
+                    await self.cluster.delete("Pod", pod.name)
         for name, obj in present.items():
             if name not in self.jobs and not obj["spec"].get("suspend") and not (obj.get("status") or {}).get(
                     "conditions"):
@@ -125,20 +138,52 @@ class StandInKubelet:
         args = self._rewrite_args(container.get("args", []), config_dir)
         cmd = [sys.executable if c == self.settings.python else c for c in container["command"]] + args
         env = {**self.base_env, **await self._container_env(container)}
+        message_in_pod = container.get("terminationMessagePath", "/dev/termination-log")
         pods = []
         for index in range(int(job["spec"]["completions"])):
             pod_name = f"{name}-{index}"
             tmp = root / pod_name / "tmp"  # the pod's emptyDir /tmp
             tmp.mkdir(parents=True)
             log_path = root / pod_name / "log.txt"
+            message = root / pod_name / "termination-log"  # the container's terminationMessagePath
+            pod_env = {k: str(message) if v == message_in_pod else v for k, v in env.items()}
             log = open(log_path, "wb")  # noqa: SIM115 - closed when the kubelet stops
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**env, "JOB_COMPLETION_INDEX": str(index), "HOSTNAME": pod_name, "TMPDIR": str(tmp),
+                env={**pod_env, "JOB_COMPLETION_INDEX": str(index), "HOSTNAME": pod_name, "TMPDIR": str(tmp),
                      "KUBEDPO_CACHE_DIR": str(tmp / "cache")})
-            pods.append(Pod(pod_name, index, proc, log_path, log))
+            pods.append(Pod(pod_name, index, proc, log_path, log, message))
+            await self._create_pod(job, pod_name, index, container["name"])
         grace = float(pod_spec.get("terminationGracePeriodSeconds", 30))
         return RunningJob(name, pods, min(grace, self.max_grace_s))
+
+    async def _create_pod(self, job: dict[str, Any], pod_name: str, index: int, container: str) -> None:
+        """The pod object the Job controller creates and the kubelet reports on: Running now."""
+        labels = {**((job["spec"]["template"].get("metadata") or {}).get("labels") or {}),
+                  "batch.kubernetes.io/job-name": job["metadata"]["name"], INDEX_KEY: str(index)}
+        await self.cluster.create("Pod", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod_name, "namespace": self.namespace, "labels": labels,
+                         "annotations": {INDEX_KEY: str(index)}},
+            "spec": job["spec"]["template"]["spec"],
+            "status": {"phase": "Running", "containerStatuses": [
+                {"name": container, "ready": True, "state": {"running": {}}}]}})
+
+    async def _report_exits(self, job: RunningJob) -> None:
+        """Each exited pod's container status, with the termination message it left in its file."""
+        for pod in job.pods:
+            code = pod.exit_code
+            if code is None or pod.reported:
+                continue
+            pod.reported = True
+            terminated: dict[str, Any] = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+            if pod.message_path is not None and pod.message_path.exists():
+                text = pod.message_path.read_bytes()[:TERMINATION_MESSAGE_MAX].decode(errors="replace")
+                if text:
+                    terminated["message"] = text
+            await self.cluster.patch("Pod", pod.name, {"status": {
+                "phase": "Succeeded" if code == 0 else "Failed",
+                "containerStatuses": [{"name": "trainer", "ready": False, "state": {"terminated": terminated}}]}})
 
     async def _mount_config(self, pod_spec: dict[str, Any], target: Path) -> Path:
         target.mkdir(parents=True)
@@ -165,7 +210,13 @@ class StandInKubelet:
             assert secret is not None, f"envFrom: Secret {ref['secretRef']['name']} missing"
             env.update({k: base64.b64decode(v).decode() for k, v in secret["data"].items()})
         for e in container.get("env", []):
-            assert "value" in e, f"env {e['name']}: only literal values and envFrom Secrets are played here"
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+            if ref is not None:
+                secret = await self.cluster.get("Secret", ref["name"])
+                assert secret is not None, f"env {e['name']}: Secret {ref['name']} missing"
+                env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+                continue
+            assert "value" in e, f"env {e['name']}: only literal values and Secrets are played here"
             env[e["name"]] = str(e["value"])
         return env
 
@@ -176,6 +227,7 @@ class StandInKubelet:
         if failed is not None:
             code = failed.exit_code
             await self._terminate(job, job.grace_s)
+            await self._report_exits(job)
             rule = _matching_fail_rule(obj["spec"].get("podFailurePolicy") or {}, code)
             if rule is not None:
                 reason = "PodFailurePolicy"
@@ -186,6 +238,7 @@ class StandInKubelet:
             await self._finish(job, {"active": 0, "failed": 1, "succeeded": sum(c == 0 for c in codes)},
                                "Failed", reason, message)
         elif all(c == 0 for c in codes):
+            await self._report_exits(job)
             await self._finish(job, {"active": 0, "succeeded": len(codes)}, "Complete", "CompletionsReached",
                                "Reached expected number of succeeded pods")
 

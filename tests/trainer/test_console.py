@@ -48,6 +48,7 @@ def test_status_line_shows_what_the_issue_asks_for() -> None:
     for part in ("step 120/256", "loss 0.4123", "reward acc 0.875", "margin 1.250", "tok/s 6,243", "ETA 01:15"):
         assert part in text, (part, text)
     assert "ETA --:--" in status_line({"step": 0, "total_steps": 9, "eta_seconds": float("nan")}).plain
+    assert "tok/s 12,486" in status_line({**row, "job_tokens_per_second": 12486.0}).plain  # the job's when known
 
 
 @pytest.mark.parametrize(("seconds", "shown"), [(0, "00:00"), (59.6, "01:00"), (3725, "1:02:05"),

@@ -25,9 +25,13 @@ def test_held_out_reward_accuracy_rises(tiny, tmp_path: Path) -> None:
     """
     cfg = tiny_config(tiny, tmp_path, training={"maxSteps": 150, "batchSize": 16, "evalOnStart": True,
                                                 "loggingSteps": 25})
-    run = run_trainer(cfg, tmp_path)
+    run = run_trainer(cfg, tmp_path, env={"KUBEDPO_RESULT_FILE": str(tmp_path / "result.json")})
     assert run.returncode == 0, run.stderr[-3000:]
     s = run.summary()
+    # The task result (the operator's termination message): the final step's numbers.
+    assert json.loads((tmp_path / "result.json").read_text()) == {
+        "step": 150, "loss": pytest.approx(s["train"]["loss"]), "outputUri": str(tmp_path / "output"),
+        "evalRewardAccuracy": pytest.approx(s["eval"]["eval_rewards_accuracies"])}
     assert s["eval_at_start"]["eval_rewards_accuracies"] <= 0.5
     assert abs(s["eval_at_start"]["eval_rewards_margins"]) < 1e-6
     assert s["eval"]["eval_rewards_accuracies"] >= 0.9, s["eval"]
@@ -61,6 +65,14 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tiny, tmp_path: Path) -
     for key in ("logits_chosen", "logits_rejected"):
         assert [r[key] for r in two.train_logs()] == pytest.approx([r[key] for r in one.train_logs()], abs=1e-4)
         assert two.summary()["eval"][f"eval_{key}"] == pytest.approx(one.summary()["eval"][f"eval_{key}"], abs=1e-4)
+    # tokens/s for the whole job (status.progress.tokensPerSecond): the same rows per step, so the
+    # job's token count at every step equals the single rank's, and its rate is that count over
+    # the time rank 0 measured (elapsed = step / steps_per_second); rank 0's own rate is lower.
+    assert [r["job_tokens"] for r in two.train_logs()] == [r["job_tokens"] for r in one.train_logs()]
+    for r in (*one.train_logs(), *two.train_logs()):
+        assert r["job_tokens_per_second"] == pytest.approx(r["job_tokens"] * r["steps_per_second"] / r["step"])
+    assert all(r["job_tokens_per_second"] == r["tokens_per_second"] for r in one.train_logs())
+    assert all(r["job_tokens_per_second"] > 1.2 * r["tokens_per_second"] for r in two.train_logs())
 
 
 def test_malformed_row_fails_with_file_and_line(tiny, tmp_path: Path) -> None:

@@ -81,6 +81,10 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         stop = StopRequest(cfg.checkpoint.preemption_grace_seconds)
         stop.install()  # first: a SIGTERM while torch loads or the model downloads exits 75 too
+        from . import preflight, storage
+
+        storage.configure(cfg.s3)
+        preflight.check(cfg)  # every URI, before any download or step: exit 2 naming the field
         if cfg.task == "generate":
             from .generate.task import run_generate
 

@@ -59,7 +59,8 @@ def status_line(row: Mapping[str, Any]) -> Text:
         ("  loss ", "dim"), _num(row, "loss", ".4f"),
         ("  reward acc ", "dim"), _num(row, "rewards_accuracies", ".3f"),
         ("  margin ", "dim"), _num(row, "rewards_margins", ".3f"),
-        ("  tok/s ", "dim"), _num(row, "tokens_per_second", ",.0f"),
+        ("  tok/s ", "dim"), _num(row, "job_tokens_per_second" if "job_tokens_per_second" in row
+                                  else "tokens_per_second", ",.0f"),  # the job's (all ranks) when known
         ("  ETA ", "dim"), format_duration(row.get("eta_seconds")),
     )
 

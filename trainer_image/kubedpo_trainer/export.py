@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from . import storage
+from . import scratch, storage
 from .config import TrainerConfig
 from .model_kinds import is_peft
 
@@ -91,8 +91,9 @@ def export_final(
         model = unwrap(model)
     out_uri = out_uri or cfg.output.uri
     marker = storage.join(out_uri, SUMMARY)
+    retries_before = storage.retry_count()
     storage.delete(marker)  # a stale summary from an earlier attempt must not vouch for a half-written output
-    with tempfile.TemporaryDirectory(prefix="kubedpo-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"kubedpo-export-{scratch.owner_tag()}-") as tmp:  # see scratch.py
         staging = Path(tmp)
         if is_peft(model):
             save_adapter(model, staging, cfg.model.uri, state_dict)
@@ -108,5 +109,9 @@ def export_final(
             save_full(model, staging, state_dict)
         tokenizer.save_pretrained(str(staging))
         storage.upload_dir(staging, out_uri)
+    if isinstance(summary.get("storage"), dict):  # the export's own retries (this rank's) count too
+        during = storage.retry_count() - retries_before
+        summary = {**summary, "storage": {**summary["storage"],
+                                          "s3_retries": summary["storage"].get("s3_retries", 0) + during}}
     storage.write_bytes(marker, json.dumps(summary, indent=2, default=str).encode())
     return out_uri

@@ -42,7 +42,10 @@ class StepLogger:
             self._display = RichDisplay(total_steps, start_step)
 
     def train(self, step: int, values: Mapping[str, float], epoch: float, tokens_total: float,
-              extra: Mapping[str, float] | None = None) -> dict[str, float]:
+              extra: Mapping[str, float] | None = None, job_tokens_total: float | None = None) -> dict[str, float]:
+        """One logging step. `tokens_total`: this rank's non-padding tokens since the (re)start;
+        `job_tokens_total`: all ranks' (summed by the caller, a collective), which gives
+        job_tokens_per_second, the figure status.progress.tokensPerSecond reports."""
         elapsed = max(self._clock() - self._t0, 1e-9)
         rate = (step - self._step0) / elapsed  # optimizer steps per second since the (re)start
         row: dict[str, float] = {
@@ -52,6 +55,8 @@ class StepLogger:
             **values,
             "steps_per_second": rate,
             "tokens_per_second": (tokens_total - self._tokens0) / elapsed,
+            **({} if job_tokens_total is None else {"job_tokens": job_tokens_total,
+                                                    "job_tokens_per_second": job_tokens_total / elapsed}),
             "eta_seconds": (self.total_steps - step) / rate if rate > 0 else float("nan"),
             **(extra or {}),
         }
@@ -91,7 +96,8 @@ class StepLogger:
         self._summary = summary_rows(summary, output_uri, uri or None)
         if self.history["train"]:
             last = self.history["train"][-1]
-            self._summary.insert(2, ("tokens/s", f"{last.get('tokens_per_second', 0.0):,.0f}"))
+            rate = last.get("job_tokens_per_second", last.get("tokens_per_second", 0.0))  # all ranks
+            self._summary.insert(2, ("tokens/s", f"{rate:,.0f}"))
         return uri or None
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ and shared by the loader, the background checkpoint uploader and s3transfer's th
 from __future__ import annotations
 
 import builtins
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -31,6 +32,34 @@ from .s3_errors import translate_errors
 from .s3_reader import S3RangeReader, Traffic
 
 MiB = 1024 * 1024
+
+
+class _TransferRetries(logging.Filter):
+    """Counts the retries s3transfer makes on its own, which botocore never sees as retries.
+
+    A download whose body breaks mid-way is re-requested by s3transfer with a fresh GetObject
+    (attempt 1 to botocore, so `_count_attempt` misses it). s3transfer offers no hook for this;
+    its one trace is a debug line, "Retrying exception caught ...", on the `s3transfer.download`
+    logger. This filter sits on that logger (set to DEBUG so the line is made), counts the line
+    into the newest client, and drops debug lines unless the root logger wants them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.target: S3Client | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.DEBUG and str(record.msg).startswith("Retrying exception caught"):
+            target = self.target
+            if target is not None:
+                target.count_retry()
+        return record.levelno > logging.DEBUG or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+_TRANSFER_RETRIES = _TransferRetries()
+_TRANSFER_LOG = logging.getLogger("s3transfer.download")
+_TRANSFER_LOG.addFilter(_TRANSFER_RETRIES)
+_TRANSFER_LOG.setLevel(logging.DEBUG)
 
 
 def split(uri: str) -> tuple[str, str]:
@@ -65,6 +94,7 @@ class S3Client:
     _client: Any = None
     _session: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _retry_lock: threading.Lock = field(default_factory=threading.Lock)
     _retries: int = 0
     traffic: Traffic = field(default_factory=lambda: Traffic())
 
@@ -89,6 +119,7 @@ class S3Client:
                     "s3", endpoint_url=s.endpoint_url, region_name=s.region, config=cfg
                 )
                 self._client.meta.events.register("before-send.s3", self._count_attempt)
+                _TRANSFER_RETRIES.target = self  # one client per process: the newest configured
             return self._client
 
     def _count_attempt(self, request: Any = None, **_: Any) -> None:
@@ -100,11 +131,13 @@ class S3Client:
             self.count_retry()
 
     def count_retry(self) -> None:
-        with self._lock:
+        """One retry, from any thread (loader, uploader, s3transfer's workers); `on_retry` is called
+        under the lock, so the totals it sees arrive in order and a counter synced to them never skips
+        or double-counts."""
+        with self._retry_lock:
             self._retries += 1
-            total = self._retries
-        if self.on_retry is not None:
-            self.on_retry(total)
+            if self.on_retry is not None:
+                self.on_retry(self._retries)
 
     @property
     def retries(self) -> int:
@@ -180,6 +213,19 @@ class S3Client:
             prefix = key.rstrip("/") + "/" if key else ""
             return bool(c.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0))
 
+    def bucket_exists(self, uri: str) -> bool:
+        """HeadBucket: False for a bucket that does not exist; access denied and the like raise."""
+        bucket, _ = split(uri)
+        c = self.client
+        with self.errors(uri):
+            try:
+                c.head_bucket(Bucket=bucket)
+                return True
+            except c.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
+                return False
+
     # --- writing -------------------------------------------------------------------------
 
     def put(self, uri: str, data: bytes) -> None:
@@ -220,6 +266,12 @@ class S3Client:
                 futures.append(tm.download(bucket, k, str(dest)))
             for f in futures:
                 f.result()
+
+    def download_file(self, uri: str, path: Path) -> None:
+        """One object to `path` (large ones in parallel ranged parts)."""
+        bucket, key = split(uri)
+        with self.errors(uri), self._transfer() as tm:
+            tm.download(bucket, key, str(path)).result()
 
     def delete(self, uri: str) -> None:
         """Delete the one object `uri`; a missing one is not an error (S3 says 204 either way)."""

@@ -52,9 +52,11 @@ class GenerateConfig(Schema):
     max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts.")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: model.generate (works with every trainer image). vllm: "
-        "faster, only where the image has vllm installed (refused with a clear error otherwise).")
-    seed: int = Field(0, description="Each prompt's sampling seed derives from this and the prompt, so "
-                      "the samples do not depend on the number of ranks or on restarts.")
+        "reserved for a faster engine; refused with a clear error (exit 2) in this build, whether or not "
+        "the image has vllm (no tested vLLM path yet).")
+    seed: int = Field(0, description="Sampling seed: unit u (the u-th output shard of promptsPerShard "
+                      "prompts) samples with seed + u (held-out units: seed + 2^20 + u), so the samples do not "
+                      "depend on the number of ranks or on restarts.")
 
 
 class SecretKeyRef(Schema):

@@ -33,13 +33,18 @@ class _Backend:
 
 
 def configure(s3_cfg: S3Config | None = None, on_retry: Callable[[int], None] | None = None,
-              **overrides: Any) -> None:
+              keep_count: bool = False, **overrides: Any) -> None:
     """Set the S3 endpoint, region and attempts (and timeouts, via `overrides`) for this process.
 
-    `on_retry(total)` is called after every retried S3 request or resumed body; the retry
-    total so far is also available from `retry_count()`. Resets the counter.
+    `on_retry(total)` is called after every retried S3 request, resumed body or s3transfer
+    retry; the retry total so far is also available from `retry_count()`. Resets the counter,
+    unless `keep_count` (the trainer counts on from the CLI's start-up checks); with a kept count
+    `on_retry` hears the total at once.
     """
-    _Backend.s3 = S3Client(settings_from(s3_cfg, **overrides), on_retry=on_retry)
+    prior = _Backend.s3.retries if keep_count else 0
+    _Backend.s3 = S3Client(settings_from(s3_cfg, **overrides), on_retry=on_retry, _retries=prior)
+    if prior and on_retry is not None:
+        on_retry(prior)
 
 
 def retry_count() -> int:
@@ -167,6 +172,11 @@ def exists(uri: str) -> bool:
     return _local(uri).exists()
 
 
+def bucket_exists(uri: str) -> bool:
+    """Whether the bucket of the s3:// `uri` exists (HeadBucket); access denied is an InputError."""
+    return _Backend.s3.bucket_exists(uri)
+
+
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local folder to `uri` (a folder or prefix); S3 uploads files and parts in parallel."""
     if is_s3(uri):
@@ -197,6 +207,14 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
             _Backend.s3.download_dir(uri, target)
             marker.write_text(uri)
     return target
+
+
+def download_file(uri: str, path: str | Path) -> None:
+    """Copy one object/file to the local `path` (its folder must exist)."""
+    if is_s3(uri):
+        _Backend.s3.download_file(uri, Path(path))
+        return
+    shutil.copyfile(_local(uri), path)
 
 
 def delete(uri: str) -> None:

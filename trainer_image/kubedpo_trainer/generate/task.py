@@ -11,6 +11,9 @@ After each round the ranks agree, in one small all-reduce, on the job-wide progr
 metrics) and on stopping: on SIGTERM each rank abandons its unit between two generate batches,
 keeps the parts already written and the task exits 75 (preempted) well inside the grace period.
 At the end rank 0 writes `kubedpo_generate_summary.json` into output.uri and the task result.
+Prompt and response counts cover every part of the output, skipped ones included (read back);
+`tokens` and `tokensPerSecond` are this attempt's generation only. `emptyResponses` counts
+responses that decode to "" (the policy ended at once): the judge sees them as they are.
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ from ..signals import StopRequest
 from ..stage_config import GENERATE_SUMMARY, GENERATIONS_HELDOUT, GENERATIONS_TRAIN
 from .metrics import GenerateMetrics
 from .rows import Unit, decode_part, encode_part, generation_row, parse_prompt, plan_units, unit_seed
+from .spec import check_spec
 
 log = logging.getLogger(__name__)
 
 TOTALS = ("prompts", "heldOutPrompts", "responses", "heldOutResponses", "tokens", "badRecords",
-          "truncatedPrompts", "unitsWritten", "unitsSkipped", "positionsDone", "positionsSkipped")
+          "truncatedPrompts", "unitsWritten", "unitsSkipped", "positionsDone", "positionsSkipped", "emptyResponses")
 
 
 @dataclass
@@ -96,18 +100,28 @@ class _Generate:
         self.metrics.set(attempt=int(os.environ.get("KUBEDPO_ATTEMPT", "0")))
         if self.rank == 0 and cfg.metrics.port:
             log.info("metrics on :%d/metrics", self.metrics.serve(cfg.metrics.port))
+        self._check_spec()
         self.tokenizer = load_tokenizer(cfg, self.acc)
         self.units = self._plan()
         self.existing = {GENERATIONS_TRAIN: _parts(storage.join(cfg.output.uri, GENERATIONS_TRAIN)),
                          GENERATIONS_HELDOUT: _parts(storage.join(cfg.output.uri, GENERATIONS_HELDOUT))}
         self.total_positions = sum(u.size for u in self.units)
         self.metrics.set(generate_prompts_total=self.total_positions, total_steps=self.total_positions)
+        if cfg.training.distributed.strategy == "fsdp":
+            log.warning("training.distributed.strategy fsdp: task generate holds the whole model on every "
+                        "rank (no sharding); the strategy applies to training tasks only")
         plan = plan_precision(cfg.training.precision, cfg.model.dtype, self.acc.device)
         model = load_frozen(cfg.model.uri, cfg, self.acc.device, plan.reference_dtype, self.acc)
         self.sampler = Sampler(model, self.tokenizer, self.acc.device, plan.autocast_dtype)
         self.encode = PromptEncoder(self.tokenizer, cfg.data.max_prompt_length, cfg.data.truncation_side)
         log.info("generate: %d units (%d prompt rows) over %d ranks, precision %s", len(self.units),
                  self.total_positions, self.world, plan.name)
+
+    def _check_spec(self) -> None:
+        """Existing parts are reused only if they were sampled with this spec (spec.py)."""
+        if self.rank == 0:
+            check_spec(self.cfg)
+        self.acc.wait_for_everyone()
 
     def _stream(self, uri: str) -> PreferenceStream:
         """The data stream in file order (no shuffle): the prompts' global order for every world size."""
@@ -170,6 +184,7 @@ class _Generate:
 
     def _count(self, rows: list[dict[str, Any]], held: bool, unit: Unit) -> None:
         responses = sum(len(r["responses"]) for r in rows)
+        self.tally.add(emptyResponses=sum(x == "" for r in rows for x in r["responses"]))
         if held:
             self.tally.add(heldOutPrompts=len(rows), heldOutResponses=responses)
         else:

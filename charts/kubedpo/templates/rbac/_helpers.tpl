@@ -6,16 +6,27 @@
 # code (kube.py's client calls and kopf's recorded requests), or the code uses one not granted.
 # DPOJobs: kopf lists, watches and patches them (progress annotations); kube.py reads them and
 # deletes them at ttlSecondsAfterFinished.
+# DPOPipelines create their stages as DPOJobs (pipeline_kube.py) and patch the running stage's
+# runPolicy.suspend.
 - apiGroups: [kubedpo.io]
   resources: [dpojobs]
-  verbs: [get, list, watch, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [kubedpo.io]
   resources: [dpojobs/status]
   verbs: [patch]
-# Not a call: the API server requires it to set blockOwnerDeletion on children owned by a DPOJob.
+# Not a call: the API server requires it to set blockOwnerDeletion on children owned by a DPOJob
+# (and on stage DPOJobs owned by a DPOPipeline).
 - apiGroups: [kubedpo.io]
-  resources: [dpojobs/finalizers]
+  resources: [dpojobs/finalizers, dpopipelines/finalizers]
   verbs: [update]
+# DPOPipelines: kopf lists, watches and patches them (progress annotations); the controller reads
+# them and writes their status.
+- apiGroups: [kubedpo.io]
+  resources: [dpopipelines]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kubedpo.io]
+  resources: [dpopipelines/status]
+  verbs: [patch]
 # Each attempt's children: Indexed Job (listed to find this DPOJob's attempts, watched for its
 # state, patched for suspend), headless Service, config ConfigMap.
 - apiGroups: [batch]
