@@ -233,10 +233,8 @@ def _train_spec(spec: DPOPipelineSpec, r: int) -> dict[str, Any]:
     reference: str | None = policy(spec, r - 1) if spec.reference == "previous" else policy(spec, 0)
     if spec.model.lora is not None or spec.training.loss == "simpo":
         reference = None  # LoRA: the base with the adapter off (= P_{r-1}); simpo: reference-free
-    # A pair the trainer's row checks refuse (a policy that answered with nothing gives an empty
-    # response) is skipped and counted in kubedpo_bad_records_total rather than failing the round.
     data = DataConfig(train=pairs, eval=pairs, eval_max_rows=EVAL_PAIRS, max_length=spec.max_length,
-                      max_prompt_length=spec.max_prompt_length, on_bad_record="skip")
+                      max_prompt_length=spec.max_prompt_length)
     return {**_common(spec, pre + MODEL), "task": "dpo",
             "model": _model(spec, policy(spec, r - 1), reference, train=True),
             "data": data.to_wire(), "training": spec.training.to_wire(),

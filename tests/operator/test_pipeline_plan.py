@@ -115,7 +115,6 @@ def test_cluster_fields_and_training_are_copied_to_every_stage() -> None:
     assert (t.training.beta, t.training.learning_rate, t.data.max_length, t.data.max_prompt_length) == (
         0.3, 1e-4, 96, 40)
     assert t.data.eval == t.data.train and t.data.eval_max_rows  # reward accuracy on the round's pairs
-    assert t.data.on_bad_record == "skip"  # an empty response the policy gave must not fail the round
 
 
 def test_sft_lengths_follow_the_pipeline_unless_set_in_sft_data() -> None:
