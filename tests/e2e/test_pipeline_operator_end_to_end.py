@@ -55,13 +55,6 @@ async def _until(cluster: FakeCluster, kubelet: StandInKubelet, name: str, phase
     return st if st.get("phase") == phase else None
 
 
-# Known defect outside the operator (reported to the integrator, 2026-12-01): the tiny policy
-# sometimes answers with EOS at once, the judge makes a pair whose rejected response is "" and
-# the DPO stage refuses that row (data.onBadRecord=fail: "empty 'rejected' response", exit 2),
-# so the pipeline fails at r1-train with StageFailed/ConfigError. strict: once fixed, this
-# XPASSes and the mark must go.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="judge pairs with an empty rejected response are refused by the DPO stage (exit 2)")
 async def test_sft_then_two_rounds_through_the_operator(cluster: FakeCluster, kubelet: StandInKubelet,
                                                        judge_server: Any, tmp_path: Path) -> None:
     model_dir, task = build_tiny(tmp_path / "artifacts")
