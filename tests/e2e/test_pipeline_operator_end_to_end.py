@@ -58,10 +58,14 @@ async def _until(cluster: FakeCluster, kubelet: StandInKubelet, name: str, phase
 # Known defect outside the operator (reported to the integrator, 2026-12-01): the tiny policy
 # sometimes answers with EOS at once, the judge makes a pair whose rejected response is "" and
 # the DPO stage refuses that row (data.onBadRecord=fail: "empty 'rejected' response", exit 2),
-# so the pipeline fails at r1-train with StageFailed/ConfigError. strict: once fixed, this
-# XPASSes and the mark must go.
+# so the pipeline fails at r1-train with StageFailed/ConfigError. Run by hand with the DPO stage
+# skipping such rows (onBadRecord=skip patched into the plan, not committed), all 9 stages ran
+# through the operator to Succeeded with every assertion below holding except the last claim:
+# win rate vs the SFT model 0.449 after round 1 and 0.441 after round 2 (11 min on 2 loaded
+# cores). strict: once both are fixed this XPASSes and the mark must go.
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="judge pairs with an empty rejected response are refused by the DPO stage (exit 2)")
+                   reason="judge pairs with an empty rejected response are refused by the DPO stage (exit 2); "
+                   "past that, the demo manifest's win rate does not rise above 0.5")
 async def test_sft_then_two_rounds_through_the_operator(cluster: FakeCluster, kubelet: StandInKubelet,
                                                        judge_server: Any, tmp_path: Path) -> None:
     model_dir, task = build_tiny(tmp_path / "artifacts")
