@@ -219,7 +219,8 @@ def sync(memo: kopf.Memo, namespace: str, name: str, job_attempt: int | None = N
         patch = status_patch(status, t, now_iso(), spec.output.uri, generation=generation)
         if t.phase == "Succeeded":  # rank 0's result, from its termination message (task_result.py)
             pods = memo.kube.list_pods(namespace, f"{JOB_NAME_LABEL}={job_name(name, attempt)}")
-            patch.update(result_patch(pods, job_name(name, attempt), JOB_NAME_LABEL, patch["conditions"], now_iso()))
+            patch.update(result_patch(pods, job_name(name, attempt), JOB_NAME_LABEL, patch["conditions"], now_iso(),
+                                      generation))
         memo.kube.patch_dpojob_status(namespace, name, patch)
         _event(dpo, t.warning, t.reason, t.message)
         memo.metrics.observe_phase(namespace, name, t.phase)
@@ -319,15 +320,16 @@ def on_suspend(*, body: kopf.Body, old: Any, new: Any, name: str, namespace: str
         attempt = int(status.get("attempt") or 0)
         keep_suspended = suspend or bool(spec.run_policy.queue_name)
         memo.kube.patch_job(namespace, job_name(name, attempt), {"spec": {"suspend": keep_suspended}})
-        patch: dict[str, Any] = {"observedGeneration": fresh["metadata"].get("generation")}
+        generation = fresh["metadata"].get("generation")
+        patch = observed_patch(status, generation)  # already reported by sync: conditions hold for it
         if suspend != (status.get("phase") == "Suspended"):  # not already reported by sync
             phase, reason = ("Suspended", "Suspended") if suspend else ("Pending", "Resumed")
             message = "runPolicy.suspend set: pods stopped" if suspend else "runPolicy.suspend cleared: resuming"
-            patch.update(status_patch(status, Transition(phase, reason, message), now_iso(),
-                                      generation=fresh["metadata"].get("generation")))
+            patch = status_patch(status, Transition(phase, reason, message), now_iso(), generation=generation)
             _event(fresh, False, reason, message)
             memo.metrics.observe_phase(namespace, name, phase)
-        memo.kube.patch_dpojob_status(namespace, name, patch)
+        if patch:
+            memo.kube.patch_dpojob_status(namespace, name, patch)
 
 
 def on_job_event(*, type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -351,9 +353,10 @@ async def on_tick(*, body: kopf.Body, name: str, namespace: str | None, memo: ko
     except SpecError:
         return
     if status.get("phase") in FINISHED_PHASES:
-        if ttl_expired(status, spec.run_policy, datetime.now(UTC)):
-            await asyncio.to_thread(memo.kube.delete_dpojob, namespace, name)
-            memo.metrics.observe_phase(namespace, name, None)
+        with memo.metrics.timed("ttl"):  # also shows that finished jobs' timers run (and cost nothing)
+            if ttl_expired(status, spec.run_policy, datetime.now(UTC)):
+                await asyncio.to_thread(memo.kube.delete_dpojob, namespace, name)
+                memo.metrics.observe_phase(namespace, name, None)
         return
     if not status.get("phase"):
         return

@@ -93,7 +93,8 @@ def rank0_message(pods: Iterable[Mapping[str, Any]], job: str, label: str) -> st
 
 
 def result_patch(pods: Iterable[Mapping[str, Any]], job: str, label: str,
-                 conditions: list[dict[str, Any]] | None, now: str) -> dict[str, Any]:
+                 conditions: list[dict[str, Any]] | None, now: str, generation: int | None = None
+                 ) -> dict[str, Any]:
     """The status fields a succeeded Job's rank-0 result adds: `result`, or, when the message was
     refused, condition ResultAvailable=False saying why. Nothing when rank 0 wrote no message."""
     text = rank0_message(pods, job, label)
@@ -103,4 +104,5 @@ def result_patch(pods: Iterable[Mapping[str, Any]], job: str, label: str,
         return {"result": parse_result(text)}
     except BadResult as err:
         why = f"the termination message of pod index 0 of Job {job} was refused: {err}"
-        return {"conditions": set_condition(conditions, RESULT_CONDITION, False, "ResultRefused", why, now)}
+        return {"conditions": set_condition(conditions, RESULT_CONDITION, False, "ResultRefused", why, now,
+                                            generation)}

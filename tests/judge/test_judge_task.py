@@ -80,6 +80,7 @@ def test_pairwise_judge_writes_pairs_rationales_summary_and_result(
     assert m("kubedpo_judge_cache_hits_total", labels) == 8
     assert m("kubedpo_judge_verdicts_total", labels | {"verdict": "tie"}) == 24 + 2  # + compare's ties
     assert m("kubedpo_tokens_per_second", labels) > 0
+    assert m("kubedpo_job_tokens_per_second", labels) == m("kubedpo_tokens_per_second", labels)  # one rank
 
 
 def test_pointwise_all_above_margin(judge_server: TinyJudge, generations: dict[str, Any], tmp_path: Path) -> None:
@@ -234,3 +235,109 @@ def test_cache_and_output_on_seaweedfs(s3: Any, judge_server: TinyJudge, monkeyp
     _, again = run_task(cfg2)
     assert judge_server.requests == paid and again["requests"] == 0 and again["pairs"] == 6
     assert again["cacheHits"] == paid + result["cacheHits"]  # compare was served from the cache both times
+
+
+@pytest.mark.slow
+def test_sigterm_exits_75_and_keeps_every_answer_received(tmp_path: Path) -> None:
+    """Preemption: the cache is flushed on the way out, so the restart pays only for the requests
+    that were in flight (at most `concurrency`), not for the unflushed buffer."""
+    rows = tiny_generations(30, seed=21)
+    gen = str(tmp_path / "gen")
+    write_generations(gen, [rows])
+    unique = 30 * PAIRWISE_PER_PROMPT
+    with TinyJudge(delay_s=0.05) as judge:
+        cfg = judge_config(str(tmp_path / "out"), {"kind": "llm", "llm": llm(judge.url, concurrency=2),
+                                                   "generations": gen})
+        proc = cli(cfg, tmp_path)
+        deadline = time.monotonic() + 120
+        while judge.requests < 41 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 75, output
+        first = judge.requests
+        assert first < unique
+        proc = cli(cfg, tmp_path)
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output
+        second = judge.requests - first
+    assert unique - first <= second <= unique - first + 2, (first, second)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_ranks_share_the_units_and_rank_0_sums_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = tiny_generations(12, seed=22)
+    gen = str(tmp_path / "gen")
+    write_generations(gen, [rows[0:3], rows[3:6], rows[6:9], rows[9:12]])
+    with TinyJudge() as judge:
+        cfg = judge_config(str(tmp_path / "out"), {"kind": "llm", "llm": llm(judge.url), "generations": gen})
+        path = tmp_path / "cfg.json"
+        path.write_text(json.dumps(cfg))
+        result_file = tmp_path / "result.json"
+        proc = subprocess.run([sys.executable, "-m", "kubedpo_trainer.cli", "--config", str(path), "--log-format",
+                               "json", "--nproc-per-node", "2", "--master-port", "0"], cwd=REPO, text=True,
+                              env={**os.environ, RESULT_FILE_ENV: str(result_file)}, capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert judge.requests == 12 * PAIRWISE_PER_PROMPT
+    logs = proc.stdout + proc.stderr
+    assert "[rank 0]" in logs and "[rank 1]" in logs and "judge unit 1 " in logs and "judge unit 0 " in logs
+    result = read_result(result_file)
+    assert result is not None and result["prompts"] == 12 and result["pairs"] == 12
+    assert result["requests"] == 12 * PAIRWISE_PER_PROMPT
+
+
+def test_bad_generation_rows_and_compares_name_the_file_or_field(judge_server: TinyJudge, tmp_path: Path) -> None:
+    from kubedpo_trainer.errors import InputError
+
+    gen = tmp_path / "gen" / "train"
+    gen.mkdir(parents=True)
+    row = tiny_generations(1)[0]
+    (gen / "part-00000.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "responses": "one"}) + "\n")
+    cfg = judge_config(str(tmp_path / "out"), {"kind": "llm", "llm": llm(judge_server.url),
+                                               "generations": str(tmp_path / "gen")})
+    with pytest.raises(InputError, match=r"part-00000.jsonl:2: responses: expected a list of strings"):
+        run_task(cfg)
+    other = tmp_path / "other"
+    write_generations(str(other), [[dict(tiny_generations(1, seed=99)[0], responses=[" x"])]], split="heldout")
+    write_generations(str(tmp_path / "gen"), [[row]], split="heldout")
+    cfg = judge_config(str(tmp_path / "out2"), {"kind": "llm", "llm": llm(judge_server.url),
+                                                "compare": {"vsOther": [str(tmp_path / "gen"), str(other)]}})
+    with pytest.raises(InputError, match=r"judge.compare.vsOther: no prompt id in both"):
+        run_task(cfg)
+
+
+def test_standalone_judge_process_with_control_endpoints() -> None:
+    import urllib.request
+
+    from tests.support.seaweed import free_ports
+
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.judge_server", "--port", str(port),
+                             "--fail", "500:1"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline()) == {"url": f"http://127.0.0.1:{port}/v1"}
+        base = f"http://127.0.0.1:{port}"
+
+        def post(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            req = urllib.request.Request(base + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        msg = {"model": "m", "messages": [{"role": "user", "content": "[User Question]\nWords: cat dog.\n\n"
+               "[The Start of the Assistant's Answer]\nanimal\n[The End of the Assistant's Answer]"}]}
+        assert post("/v1/chat/completions", msg)[0] == 500  # --fail 500:1
+        status, body = post("/v1/chat/completions", msg)
+        assert status == 200 and body["choices"][0]["message"]["content"].endswith("Rating: [[10]]")
+        assert post("/control/fail", {"kind": "429", "count": 1, "retryAfter": "3"}) == (200, {"ok": True})
+        assert post("/v1/chat/completions", msg)[0] == 429
+        with urllib.request.urlopen(base + "/control/stats", timeout=10) as r:
+            stats = json.loads(r.read())
+        assert stats["requests"] == 3 and stats["byKind"] == {"500": 1, "ok": 1, "429": 1}
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -113,8 +113,8 @@ class Emulator(kmock.KubernetesEmulator):
 
 
     def _next_generation(self, request: Any, patch: dict[str, Any]) -> int | None:
-        """metadata.generation + 1 when a merge patch changes the spec, as the API server does
-        (never for status or metadata alone); None when it stays (a client cannot set it)."""
+        """The generation a merge patch of an object leaves: + 1 when it changes the spec, as the
+        API server does (never for status or metadata alone); None for a patch without spec."""
         key = (request.resource, request.namespace, request.name)
         if request.subresource is not None or not request.name or key not in self.objects:
             return None

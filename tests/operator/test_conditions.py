@@ -27,6 +27,7 @@ from kubedpo_operator.status import (
     initial_status,
     invalid_status,
     next_transition,
+    observed_patch,
     phase_reason,
     rediscovered_status,
     status_patch,
@@ -172,6 +173,26 @@ def test_refused_and_rediscovered_statuses_follow_the_same_rules():
     conds = _check_conventions(found, 2)
     assert (conds["Created"]["status"], conds["Created"]["reason"]) == ("True", "StatusRediscovered")
     assert found["currentJob"] == "x-3" and phase_reason(found) == "StatusRediscovered"
+
+
+def test_a_spec_edit_without_a_transition_restamps_the_phase_conditions_once():
+    """E.g. runPolicy.maxRestarts edited while Running: sync re-decides from the edited spec (and
+    finds nothing to change), so the phase conditions hold for generation 2; the rest keep theirs."""
+    st = initial_status(1, "2026-01-01T00:00:00Z", 1)
+    st = {**st, **created_patch(st, "e", 0, "2026-01-01T00:00:01Z", 1)}
+    st = _apply(st, next_transition(st, JobState("running"), RunPolicy(), 1), "2026-01-01T00:00:02Z", 1)
+    st["conditions"] = set_condition(st["conditions"], "ProgressAvailable", True, "MetricsRead", "ok",
+                                     "2026-01-01T00:00:03Z", 1)
+    assert next_transition(st, JobState("running"), RunPolicy(max_restarts=9), 1) is None
+    patch = observed_patch(st, 2)
+    after = {**st, **patch}
+    conds = _by_type(after)
+    assert after["observedGeneration"] == 2
+    assert all(conds[k]["observedGeneration"] == 2 for k in ALL_STATES)
+    assert conds["ProgressAvailable"]["observedGeneration"] == 1  # not re-read: still generation 1's
+    assert [(c["type"], c["status"], c["reason"], c["lastTransitionTime"]) for c in after["conditions"]] == \
+        [(c["type"], c["status"], c["reason"], c["lastTransitionTime"]) for c in st["conditions"]]
+    assert observed_patch(after, 2) == {} and observed_patch(st, None) == {}
 
 
 def test_a_status_written_by_the_previous_release_is_read_and_migrated():

@@ -27,6 +27,9 @@ from tests.support.runs import free_port
 
 pytestmark = pytest.mark.slow
 PEERING = "kubedpo"
+# A process's start (imports, login, first watches) under a loaded CI machine: generous, it only
+# bounds how long a broken start takes to fail.
+START_S = 120
 PEERINGS = "/apis/kopf.dev/v1/clusterkopfpeerings"
 
 
@@ -55,7 +58,7 @@ class OperatorProcess:
     async def stop(self) -> int:
         """SIGTERM and wait off the event loop: the emulator must keep serving kopf's goodbyes."""
         self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.to_thread(self.proc.wait, 30)
+        return await asyncio.to_thread(self.proc.wait, START_S)
 
 
 @pytest.fixture
@@ -89,7 +92,7 @@ def spawn(kmock: Any, cluster: FakeCluster, tmp_path: Path) -> Iterator[Any]:
 
 async def test_operator_process_serves_health_metrics_and_json_logs(spawn: Any, cluster: FakeCluster) -> None:
     op = spawn("solo")
-    await eventually(lambda: op.get(op.health)[0] == 200, timeout=30)
+    await eventually(lambda: op.get(op.health)[0] == 200, timeout=START_S)
     await cluster.create_dpojob("proc", minimal_spec(workers=2))
     job = await eventually(lambda: cluster.get("Job", "proc-0"), timeout=30)
     assert job["spec"]["completions"] == 2
@@ -112,24 +115,33 @@ async def test_peering_keeps_one_active_and_the_standby_takes_over(spawn: Any, k
     await cluster._call("post", PEERINGS,  # what the chart installs
                         json={"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
                               "metadata": {"name": PEERING}, "status": {}})
+    # kopf's peering is not a lock: an operator starts paused, and each acts on the peering object
+    # as it reads it, so until both have read each other's entry both may act (our handlers are
+    # idempotent for that window). Both entries being in the object says nothing about what each
+    # has read: under load a standby can handle "one" from a stale read. So the two start one
+    # after the other, and each step waits for what the operators themselves logged.
     a = spawn("a", KUBEDPO_PEERING_NAME=PEERING, POD_ID="a")  # the chart sets POD_ID to the pod name
+    await eventually(lambda: _logged(a, "Resuming operations"), timeout=START_S)  # alone, it leads
     b = spawn("b", KUBEDPO_PEERING_NAME=PEERING, POD_ID="b")
-    # kopf's peering is not a lock: until both have seen each other, both may act (our handlers
-    # are idempotent for that window). Then the higher priority is active and the other waits.
-    peers = await eventually(lambda: _peers(cluster, {"a", "b"}), timeout=30)
-    active, standby = (a, b) if peers["a"]["priority"] > peers["b"]["priority"] else (b, a)
-    await eventually(lambda: _logged(standby, "Pausing operations") or not _logged(standby, "Resuming"),
-                     timeout=30)
+    peers = await eventually(lambda: _peers(cluster, {"a", "b"}), timeout=START_S)
+    assert peers["a"]["priority"] != peers["b"]["priority"]  # random in [0, 32767]: equal pauses both
+    if peers["b"]["priority"] > peers["a"]["priority"]:
+        active, standby = b, a  # b takes over once each has read the other's entry
+        await eventually(lambda: _logged(a, "Pausing operations in favour of") and _logged(b, "Resuming operations"),
+                         timeout=START_S)
+    else:
+        # b starts paused, and every state of the object it can read lists a above it: it never resumes.
+        active, standby = a, b
     await cluster.create_dpojob("one", minimal_spec())
-    await eventually(lambda: cluster.get("Job", "one-0"), timeout=30)
-    await eventually(lambda: _handled(active, "one"), timeout=30)
+    await eventually(lambda: cluster.get("Job", "one-0"), timeout=60)
+    await eventually(lambda: _handled(active, "one"), timeout=60)
     await asyncio.sleep(2)  # the standby acting would show by now
     assert cluster.creates("Job") == 1 and not _handled(standby, "one")
 
     assert await active.stop() == 0  # SIGTERM: the active one leaves the peering at once
     await cluster.create_dpojob("two", minimal_spec())
-    await eventually(lambda: cluster.get("Job", "two-0"), timeout=30)
-    await eventually(lambda: _handled(standby, "two"), timeout=30)  # kopf logs once the handler returns
+    await eventually(lambda: cluster.get("Job", "two-0"), timeout=60)
+    await eventually(lambda: _handled(standby, "two"), timeout=60)  # kopf logs once the handler returns
     assert cluster.creates("Job") == 2
 
 

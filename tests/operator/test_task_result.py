@@ -67,10 +67,11 @@ def test_result_patch_sets_result_or_a_false_condition_and_nothing_without_a_mes
     now = "2026-12-01T00:00:00Z"
     assert result_patch([pod("j-0", 0, 0, '{"pairs": 3}')], "j-0", JOB_NAME_LABEL, [], now) == {"result": {"pairs": 3}}
     assert result_patch([pod("j-0", 0, 0)], "j-0", JOB_NAME_LABEL, [], now) == {}
-    bad = result_patch([pod("j-0", 0, 0, '{"loss": NaN}')], "j-0", JOB_NAME_LABEL, [{"type": "Succeeded"}], now)
+    bad = result_patch([pod("j-0", 0, 0, '{"loss": NaN}')], "j-0", JOB_NAME_LABEL, [{"type": "Succeeded"}], now, 4)
     assert [c["type"] for c in bad["conditions"]] == ["Succeeded", "ResultAvailable"]
     cond = bad["conditions"][1]
     assert cond["status"] == "False" and cond["reason"] == "ResultRefused" and "NaN" in cond["message"]
+    assert cond["observedGeneration"] == 4
 
 
 def test_the_trainer_writes_its_result_to_the_termination_log() -> None:

@@ -4,7 +4,7 @@
 
 save: shard the tiny model over N ranks, take two AdamW steps, write a DCP checkpoint to CKPT and
       the full (gathered) model and optimizer state to EXPECT, from rank 0.
-load: shard a fresh copy over this run's ranks, load CKPT, gather the full state and compare it
+load: shard a fresh copy over this run's ranks, print the DCP files this rank's shards need, load CKPT, gather the full state and compare it
       with EXPECT, exactly; then write EXPECT.loaded with what was loaded (rank 0).
 """
 
@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
-from kubedpo_trainer.sharded_checkpoint import load_sharded, save_sharded
+from kubedpo_trainer.sharded_checkpoint import load_sharded, save_sharded, shard_files_needed
 
 
 def build(model_dir: str, world: int):
@@ -54,6 +54,8 @@ def main(mode: str, model_dir: str, ckpt: str, expect: str) -> None:
         if dist.get_rank() == 0:
             torch.save(state, expect)
     else:
+        needs = sorted(shard_files_needed(model, opt)(Path(ckpt)))  # what resume would fetch for this rank
+        print(f"rank {dist.get_rank()} needs {','.join(needs)}", flush=True)
         load_sharded(model, opt, Path(ckpt))
         state = full_state(model, opt)
         if dist.get_rank() == 0:

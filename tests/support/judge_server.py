@@ -86,3 +86,14 @@ def read_jsonl(uri: str | Path) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained tiny reward model (tiny.build_reward_model, about 10-30 s once per session) with
+    the tiny tokenizer beside it: the judge's rewardModel.uri."""
+    from kubedpo_trainer.tiny import build_reward_model, build_tokenizer
+
+    out = tmp_path_factory.mktemp("reward-model")
+    build_reward_model(out, build_tokenizer(out))
+    return out

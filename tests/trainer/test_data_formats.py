@@ -66,7 +66,7 @@ def test_chosen_equal_rejected_is_allowed() -> None:
         ({"prompt": "Q", "rejected": " no"}, "auto", "missing field 'chosen'"),
         ({"prompt": "Q", "chosen": 3, "rejected": " no"}, "auto", "field 'chosen' must be"),
         ({"prompt": "Q", "chosen": [{"role": "user"}], "rejected": " no"}, "auto", "chosen[0]"),
-        ({"prompt": "Q", "chosen": " yes", "rejected": ""}, "auto", "empty 'rejected'"),
+        ({"chosen": "Q yes", "rejected": "Q"}, "auto", "empty 'rejected' response after the shared prefix"),
         ({"prompt": "Q", "chosen": " yes", "rejected": " no", "weight": "high"}, "auto", "'weight' must be a finite"),
         ({"prompt": "Q", "chosen": " yes", "rejected": " no", "margin": float("nan")}, "auto", "'margin'"),
         ({"prompt": "Q", "chosen": " yes", "rejected": " no", "weight": -1}, "auto", "'weight' must be >= 0"),
@@ -156,3 +156,11 @@ def test_corrupt_gzip_is_an_input_error_naming_the_shard(tmp_path: Path) -> None
     path.write_bytes(gzip.compress(b'{"a": 1}\n' * 100)[:-30] + b"garbage")
     with pytest.raises(InputError, match=str(path)):
         _read_all(path, tmp_path)
+
+
+def test_an_empty_response_after_an_explicit_prompt_is_a_pair() -> None:
+    """A policy that answers nothing is a real (bad) answer: iterative DPO's judge pairs it as rejected.
+    TRL accepts it too (the response is then only the EOS token); only an implicit prompt, where
+    an empty rest means the two answers could not be split, stays refused."""
+    row = parse_row({"prompt": "Q", "chosen": " yes", "rejected": ""}, "auto")
+    assert (row.chosen, row.rejected) == (" yes", "")

@@ -67,6 +67,7 @@ def test_rows_k_responses_held_out_summary_and_result(tiny, tmp_path: Path) -> N
                    "tokensPerSecond": pytest.approx(summary["tokensPerSecond"], rel=1e-3)}
     assert 0 < summary["tokens"] <= (20 * 3 + 6 * 2) * 6
     assert summary["unitsWritten"] == 4 and summary["unitsSkipped"] == 0
+    assert summary["emptyResponses"] == sum(x == "" for r in rows + held for x in r["responses"])
 
 
 def test_chat_prompts_rendered_with_the_template_and_greedy_repeats(tiny, tmp_path: Path) -> None:

@@ -125,3 +125,10 @@ def test_spec_record_names_what_changed(tmp_path) -> None:
     check_spec(cfg(samplesPerPrompt=4))  # same spec: fine
     with pytest.raises(InputError, match=r"generate.maxPrompts: None -> 10; generate.samplesPerPrompt: 4 -> 2"):
         check_spec(cfg(samplesPerPrompt=2, maxPrompts=10))
+
+
+def test_lora_section_refused_for_generate() -> None:
+    """A LoRA section would otherwise be ignored and the base model sampled, silently."""
+    with pytest.raises(ConfigError, match=r"model.lora: task generate samples from full weights"):
+        parse_config({"task": "generate", "model": {"uri": "m", "lora": {"rank": 8}}, "data": {"train": "t"},
+                      "output": {"uri": "o"}, "generate": {}})

@@ -147,3 +147,23 @@ def test_dpo_only_settings_refused_with_sft(training, says: str) -> None:
            "training": training}
     with pytest.raises(ConfigError, match=says):
         parse_config(cfg)
+
+
+def test_sft_exports_no_reward_series_that_would_read_zero() -> None:
+    """The operator copies kubedpo_rewards_accuracies into status.progress: an SFT run must not
+    export one (it has no pairs), nor beta or logps; loss and token accuracy it does."""
+    from prometheus_client import generate_latest
+
+    from kubedpo_trainer.metrics import TrainerMetrics
+    from kubedpo_trainer.sft_train import SFTTrainer
+
+    m = TrainerMetrics("job", "ns", 0, unused=SFTTrainer.unused_gauges)
+    m.set({"loss": 1.5, "mean_token_accuracy": 0.5, "eval_loss": 1.25})
+    text = generate_latest(m.registry).decode()
+    assert 'kubedpo_loss{dpojob="job",namespace="ns",rank="0"} 1.5' in text
+    assert 'kubedpo_mean_token_accuracy{dpojob="job",namespace="ns",rank="0"} 0.5' in text
+    assert 'kubedpo_eval_loss{dpojob="job",namespace="ns",rank="0"} 1.25' in text
+    for name in ("rewards_accuracies", "rewards_margins", "logps_chosen", "logits_chosen", "beta"):
+        assert f"kubedpo_{name}{{" not in text, name
+    dpo = generate_latest(TrainerMetrics("job", "ns", 0).registry).decode()
+    assert "kubedpo_rewards_accuracies{" in dpo  # a DPO run keeps its series from the start

@@ -95,23 +95,24 @@ def test_one_rank_two_ranks_accumulation_and_fsdp_train_the_same(tiny, tmp_path:
                                                                         abs=1e-4)
 
 
-@pytest.mark.multiproc
 def test_sigkill_then_resume_continues_exactly(tiny, tmp_path: Path) -> None:
-    """2 ranks, a checkpoint every 4 steps: SIGKILL after step 9, restart: the run resumes from
-    step 8 and every step after it logs the loss of the uninterrupted run (1e-5), every row of the
-    steps trained once in the final history."""
+    """A pod (the launcher and its rank), a checkpoint every 4 steps: SIGKILL after step 9,
+    restart: the run resumes from step 8 and every step after it logs the loss of the
+    uninterrupted run (1e-5), every row of the steps trained once in the final history.
+    (2-rank resume of the shared machinery: test_resume.py; SFT over 2 ranks: above.)"""
     def cfg(name: str) -> dict[str, Any]:
-        c = sft_config(tiny, tmp_path / name, batchSize=4, maxSteps=16, loggingSteps=1)
+        c = sft_config(tiny, tmp_path / name, batchSize=8, maxSteps=16, loggingSteps=1)
         c["checkpoint"] = {"uri": str(tmp_path / name / "ckpt"), "everySteps": 4, "keepLast": 2}
         c["data"].pop("eval")
         return c
 
-    base = Launch(cfg("base"), tmp_path / "base", {})
+    base = Launch(cfg("base"), tmp_path / "base", {}, world=1)
     assert base.wait() == 0, base.stderr()
-    first = Launch(cfg("killed"), tmp_path / "first", {})
+    first = Launch(cfg("killed"), tmp_path / "first", {}, world=1)
     first.wait_for_step(9)
     first.kill()
-    second = Launch(yaml.safe_load((tmp_path / "first" / "config.yaml").read_text()), tmp_path / "second", {})
+    second = Launch(yaml.safe_load((tmp_path / "first" / "config.yaml").read_text()), tmp_path / "second", {},
+                    world=1)
     assert second.wait() == 0, second.stderr()
     assert "resumed from" in second.full_log()
     resumed = second.losses()

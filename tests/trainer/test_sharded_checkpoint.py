@@ -42,7 +42,13 @@ def _assert_equal(saved: Path, loaded: Path) -> None:
     assert any(s["exp_avg"].abs().max() > 0 for s in a["optimizer"].values())  # real moments, not zeros
 
 
-@pytest.mark.parametrize(("writers", "readers"), [(2, 1), (1, 2)])
+# What each reading rank fetches at resume (resume_source): the files its shards' pieces are in, and
+# rank 0's, which holds the entries every rank has alike (DCP's dedup, sent to the lowest rank).
+NEEDS = {(2, 1): {0: "__0_0.distcp,__1_0.distcp"}, (1, 2): {0: "__0_0.distcp", 1: "__0_0.distcp"},
+         (2, 2): {0: "__0_0.distcp", 1: "__0_0.distcp,__1_0.distcp"}}
+
+
+@pytest.mark.parametrize(("writers", "readers"), [(2, 1), (1, 2), (2, 2)])
 def test_state_saved_by_n_ranks_loads_on_m(tiny, tmp_path: Path, writers: int, readers: int) -> None:
     ckpt, expect = tmp_path / "dcp", tmp_path / "expect.pt"
     out = _run(writers, "save", tiny.model_dir, ckpt, expect)
@@ -51,4 +57,6 @@ def test_state_saved_by_n_ranks_loads_on_m(tiny, tmp_path: Path, writers: int, r
     assert files == [".metadata"] + [f"__{r}_0.distcp" for r in range(writers)]  # one file per writing rank
     out = _run(readers, "load", tiny.model_dir, ckpt, expect)
     assert f"of {readers}:" in out
+    for rank, files in NEEDS[(writers, readers)].items():
+        assert f"rank {rank} needs {files}\n" in out, out
     _assert_equal(expect, Path(str(expect) + ".loaded"))

@@ -45,6 +45,11 @@ def test_standard_row_prompt_and_responses_tokenized_apart_with_eos(tokenizer) -
     assert eos not in row.prompt_ids and row.weight == 2.0 and row.row_id == "f.jsonl:1"
 
 
+def test_an_empty_response_is_the_eos_token_alone(tokenizer) -> None:
+    row = _tok({"prompt": "Words: cat dog.", "chosen": " animal", "rejected": ""}, tokenizer)
+    assert row.rejected_ids == [tokenizer.eos_token_id]
+
+
 def test_eos_is_not_doubled_when_the_response_already_ends_with_it(tokenizer) -> None:
     row = _tok({"prompt": "Q", "chosen": " animal</s>", "rejected": " color"}, tokenizer)
     assert row.chosen_ids.count(tokenizer.eos_token_id) == 1 and row.chosen_ids[-1] == tokenizer.eos_token_id

@@ -23,8 +23,10 @@ whoever can write the checkpoint prefix must not be able to run code in the trai
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -121,7 +123,8 @@ def latest_complete(uri: str | None) -> int | None:
 
 @dataclass(frozen=True)
 class Verified:
-    """A checkpoint whose files match its COMPLETE manifest, downloaded to `local`."""
+    """A complete checkpoint whose listing matches its COMPLETE manifest; files are fetched to
+    `local` on demand (`fetch`), each verified against the manifest as it arrives."""
 
     step: int
     uri: str
@@ -134,40 +137,95 @@ class Verified:
             return (self.local / name).exists()
         return name in self.files or any(f.startswith(name + "/") for f in self.files)
 
+    def fetch(self, names: set[str]) -> None:
+        """Make `names` available under `local`, downloading each at most once per folder.
 
-def newest_verified(uri: str | None, scratch: Path) -> Verified | None:
-    """The newest complete checkpoint under `uri` whose files match its manifest.
+        The local ranks of a node share `local`: per file, the first to take its lock downloads it to
+        a temporary name, checks size and SHA-256 against COMPLETE, then renames it, so a file under
+        its own name is always a verified one and the others only wait for the lock. A download that
+        fails verification is deleted and raises Damaged. Local checkpoints are read in place.
+        """
+        if self.files is None:
+            return  # downloaded whole by newest_verified (nothing to check against)
+        for name in sorted(names):
+            target = self.local / name
+            if not storage.is_s3(self.uri):
+                manifest.check_local(self.local, self.files, only={name})
+                continue
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.local / f".{name.replace('/', '_')}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if target.exists():
+                    continue
+                part = target.with_name(f".{target.name}.{os.getpid()}.part")
+                storage.download_file(storage.join(self.uri, name), part)
+                try:
+                    manifest.check_local(part.parent, {part.name: self.files[name]})
+                except manifest.Damaged as err:
+                    part.unlink(missing_ok=True)
+                    raise manifest.Damaged(str(err).replace(part.name, name, 1)) from None
+                part.replace(target)
 
-    A damaged one is skipped with a warning naming it and what is wrong, so a restart resumes
+
+Needs = Callable[[Verified], set[str]]
+
+
+def newest_verified(uri: str | None, scratch: Path, needs: Needs | None = None,
+                    at_most: int | None = None) -> Verified | None:
+    """The newest complete checkpoint under `uri` (at most step `at_most`) that passes verification.
+
+    Every file of the manifest must be listed with its recorded size (no bytes read); the files
+    this rank `needs` (default: all) are fetched into `scratch` and their SHA-256 checked. A
+    damaged checkpoint is skipped with a warning naming it and what is wrong, so a restart resumes
     from the next older one instead of failing on every attempt. None: no checkpoint at all.
     Every complete checkpoint damaged is an InputError listing them (never a silent fresh start
-    that would throw the run's progress away).
+    that would throw the run's progress away). Ranks that fetch different files may see different
+    damage: the caller agrees on one step across ranks (`at_most` is how it asks again).
     """
     if not uri:
         return None
     skipped: list[str] = []
     for step in reversed(complete_steps(uri)):
+        if at_most is not None and step > at_most:
+            continue
         d = step_dir(uri, step)
+        local = scratch / checkpoint_step_name(step) if storage.is_s3(d) else Path(d.removeprefix("file://"))
         try:
             files = manifest.parse_complete(storage.read_bytes(storage.join(d, COMPLETE)), COMPLETE)
-            if files is not None:
-                manifest.check_listing(d, files)
-            local = storage.download_dir(d, scratch / checkpoint_step_name(step))
             if files is None:
                 log.warning("checkpoint %s has no manifest (written by an older trainer): not verified", d)
+                local = storage.download_dir(d, local)
             else:
-                manifest.check_local(local, files)
+                manifest.check_listing(d, files)
+            found = Verified(step, d, local, files)
+            found.fetch(needs(found) if needs is not None and files is not None else set(files or ()))
         except manifest.Damaged as err:
             log.warning("checkpoint %s fails verification, skipped: %s", d, err)
             skipped.append(f"{d}: {err}")
             continue
         if skipped:
             log.warning("resuming from %s, the newest checkpoint that passes verification", d)
-        return Verified(step, d, local, files)
+        return found
     if skipped:
         raise InputError(f"{uri}: no checkpoint passes verification ({'; '.join(skipped)}); "
                          "delete the damaged ones to start over")
     return None
+
+
+def rank_needs(rank: int, sharded: Callable[[Verified], set[str]] | None = None) -> Needs:
+    """What one rank reads at resume: every file but other ranks' RNG states; under FSDP, of the
+    `sharded/` folder only what `sharded` says (DCP's metadata and the shard files of its pieces)."""
+    def needs(found: Verified) -> set[str]:
+        files = set(found.files or ())
+        out = {f for f in files if not f.startswith((SHARDED_DIR + "/", "rng-rank"))}
+        out |= {rng_file(rank)} & files
+        if any(f.startswith(SHARDED_DIR + "/") for f in files):
+            out |= sharded(found) if sharded is not None else {f for f in files if f.startswith(SHARDED_DIR + "/")}
+        return out
+
+    return needs
 
 
 def load_torch(path: Path) -> Any:

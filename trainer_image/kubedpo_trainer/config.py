@@ -359,6 +359,9 @@ class TrainerConfig(Schema):
         if self.task == "judge" and self.judge is None:
             raise ValueError("judge: required with task judge")
         t = self.training
+        if self.task == "generate" and self.model.lora is not None:
+            raise ValueError("model.lora: task generate samples from full weights; point model.uri at the "
+                             "merged model (lora.mergeOnExport writes <output>/merged/)")
         if self.task == "sft" and t.packing is not None:
             raise ValueError("training.packing: not supported with task sft (DPO pair packing); remove it")
         if self.task == "sft" and t.reference_logps == "precompute":

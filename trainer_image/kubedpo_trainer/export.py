@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from . import storage
+from . import scratch, storage
 from .config import TrainerConfig
 from .model_kinds import is_peft
 
@@ -93,7 +93,7 @@ def export_final(
     marker = storage.join(out_uri, SUMMARY)
     retries_before = storage.retry_count()
     storage.delete(marker)  # a stale summary from an earlier attempt must not vouch for a half-written output
-    with tempfile.TemporaryDirectory(prefix="kubedpo-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"kubedpo-export-{scratch.owner_tag()}-") as tmp:  # see scratch.py
         staging = Path(tmp)
         if is_peft(model):
             save_adapter(model, staging, cfg.model.uri, state_dict)

@@ -8,7 +8,7 @@ other ranks still keep their registry so `values()` works everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -75,13 +75,16 @@ HISTOGRAMS = {
 class TrainerMetrics:
     """The metrics of one trainer process, labelled dpojob/namespace/rank (`job`: the DPOJob's name)."""
 
-    def __init__(self, job: str, namespace: str, rank: int) -> None:
+    def __init__(self, job: str, namespace: str, rank: int, unused: Iterable[str] = ()) -> None:
+        """`unused`: gauges this task never sets (task sft: the reward series), exported only if set,
+        so the operator's status and dashboards show no reward accuracy of 0 for an SFT run."""
         self.registry = CollectorRegistry()
+        self._lazy = LAZY_GAUGES | frozenset(unused)
         self._labels = {"dpojob": job, "namespace": namespace, "rank": str(rank)}
         self._families = {
             n: Gauge(PREFIX + n, f"DPO {n.replace('_', ' ')}", LABELS, registry=self.registry) for n in TRAIN_GAUGES
         }
-        self._gauges = {n: g.labels(**self._labels) for n, g in self._families.items() if n not in LAZY_GAUGES}
+        self._gauges = {n: g.labels(**self._labels) for n, g in self._families.items() if n not in self._lazy}
         self._counters = {
             n: Counter(PREFIX + n, doc, LABELS, registry=self.registry).labels(**self._labels)
             for n, doc in COUNTERS.items()
@@ -98,7 +101,7 @@ class TrainerMetrics:
         """Set gauges by name; names that are not gauges are ignored (logs may carry more)."""
         for name, value in values.items():
             gauge = self._gauges.get(name)
-            if gauge is None and name in LAZY_GAUGES:
+            if gauge is None and name in self._lazy:
                 gauge = self._gauges[name] = self._families[name].labels(**self._labels)
             if gauge is not None:
                 gauge.set(float(value))

@@ -267,6 +267,12 @@ class S3Client:
             for f in futures:
                 f.result()
 
+    def download_file(self, uri: str, path: Path) -> None:
+        """One object to `path` (large ones in parallel ranged parts)."""
+        bucket, key = split(uri)
+        with self.errors(uri), self._transfer() as tm:
+            tm.download(bucket, key, str(path)).result()
+
     def delete(self, uri: str) -> None:
         """Delete the one object `uri`; a missing one is not an error (S3 says 204 either way)."""
         bucket, key = split(uri)

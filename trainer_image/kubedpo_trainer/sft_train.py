@@ -19,6 +19,7 @@ import torch
 from .batch import SFTBatch
 from .data.stream import PreferenceStream, RowKind
 from .evaluate import equal_batch_counts
+from .metrics import DPO_GAUGES
 from .sft import sft_forward, sft_loss, weighted_tokens
 from .train import Trainer
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 class SFTTrainer(Trainer):
     row_kind: RowKind = "sft"
     uses_reference = False
+    # No pairs, no reference, no beta: these series would only ever read 0.
+    unused_gauges = frozenset({n for n in DPO_GAUGES if n != "loss"} | {"beta"})
 
     def train_step(self, batches: list[Any]) -> dict[str, float] | None:
         """One optimizer step; None (skipped, scheduler advanced) when no rank has a target token."""

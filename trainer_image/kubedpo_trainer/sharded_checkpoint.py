@@ -14,6 +14,7 @@ DCP code; the checkpoint layout (`checkpoint.py`) names the folder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,15 @@ _OPTIONS: dict[str, Any] = {"ignore_frozen_params": True}
 def save_sharded(model: nn.Module, optimizer: Any, path: Path) -> None:
     """Collective: every rank calls it at the same step and writes its shards into `path`."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(**_OPTIONS))
     dcp.save({"model": model_sd, "optimizer": optim_sd},
-             storage_writer=dcp.FileSystemWriter(str(path), overwrite=True))
+             storage_writer=dcp.FileSystemWriter(str(path), overwrite=True),
+             # Entries every rank holds alike (step counts, unsharded tensors) go to rank 0's file, not
+             # spread over all files: a resuming rank then needs its own file and rank 0's, not all.
+             planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
 
 
 def load_sharded(model: nn.Module, optimizer: Any, path: Path) -> None:
@@ -54,3 +59,30 @@ def load_sharded(model: nn.Module, optimizer: Any, path: Path) -> None:
         raise InputError(f"{path}: sharded checkpoint does not match the model: {err}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(**_OPTIONS))
+
+
+def shard_files_needed(model: nn.Module, optimizer: Any) -> Callable[[Path], set[str]]:
+    """For a DCP folder, the files holding pieces of this rank's shards (names relative to it).
+
+    Why not every file: each rank wrote its own `__<r>_0.distcp`, so with the same world size a
+    rank needs 1/world of the bytes, and after a change of world size only the few files its new
+    shards overlap. DCP's own planner decides it from `.metadata` alone (each piece's file, offset
+    and length), exactly as `load_sharded` will read. The state dict is taken once here (on every
+    rank, like the load), the planning per folder is local: no collective, so ranks may plan
+    different checkpoints while they agree on one.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(**_OPTIONS))
+    state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
+
+    def needed(path: Path) -> set[str]:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        planner = DefaultLoadPlanner()
+        planner.set_up_planner(state, metadata, is_coordinator=False)
+        storage = metadata.storage_data or {}
+        return {storage[item.storage_index].relative_path for item in planner.create_local_plan().items}
+
+    return needed

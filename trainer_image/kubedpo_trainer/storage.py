@@ -209,6 +209,14 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     return target
 
 
+def download_file(uri: str, path: str | Path) -> None:
+    """Copy one object/file to the local `path` (its folder must exist)."""
+    if is_s3(uri):
+        _Backend.s3.download_file(uri, Path(path))
+        return
+    shutil.copyfile(_local(uri), path)
+
+
 def delete(uri: str) -> None:
     """Delete one object/file; a missing one is not an error. (`delete_prefix` would list
     `uri + "/"` and so never remove the object `uri` itself.)"""

@@ -126,27 +126,29 @@ def build_model(
 def build_reward_model(
     out_dir: str | Path,
     tokenizer: Any,
-    train_rows: int = 1024,
-    steps: int = 150,
+    train_rows: int = 2048,
+    steps: int = 250,
     seed: int = 0,
     hidden_size: int = 64,
     num_layers: int = 2,
 ) -> LlamaForSequenceClassification:
     """A tiny reward model of the task (LlamaForSequenceClassification, num_labels=1), saved in `out_dir`.
 
-    With `steps` > 0 it is trained for a few seconds (Bradley-Terry loss, -log sigmoid(r_chosen -
-    r_rejected)) on preference rows of the task: the right category over a wrong one, and over an
-    answer naming no category, so it scores "prompt + response" the way the rule judge does. The
-    rows come from a seed of their own (`seed + 1000`), so they differ from the policy's data.
-    The tokenizer is saved beside it: the judge loads both from one URI.
+    With `steps` > 0 it is trained (Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected), batch
+    32, AdamW 3e-3; about 10 s on a free CPU core) on preference rows of the task: the right category
+    over a wrong one, and (one row in five) over an answer naming no category, so it scores
+    "prompt + response" as the rule judge does. Measured on 300 held-out rows: right over wrong
+    about 0.9 of the time after 250 steps (0.8 after 150). The rows come from a seed of their own
+    (`seed + 1000`), not the policy's data. The tokenizer is saved beside it: the judge loads both
+    from one URI. Full multi-head attention (no grouped KV heads) learns the lookup of the first
+    word faster than the policy's GQA shape.
     """
     import torch
-    import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -155,24 +157,36 @@ def build_reward_model(
     model = LlamaForSequenceClassification(config)
     if steps:
         rng = random.Random(seed + 1000)
-        rows = preference_rows(train_rows, seed + 1000)
-        pairs = [(r["prompt"] + r["chosen"], r["prompt"] + (r["rejected"] if rng.random() < 0.7 else
-                                                            " " + rng.choice(list(WORD_CATEGORY))))
-                 for r in rows]
+        nonsense = list(WORD_CATEGORY)  # words, but no category name
+        pairs = [(r["prompt"] + r["chosen"],
+                  r["prompt"] + (r["rejected"] if rng.random() < 0.8 else " " + rng.choice(nonsense)))
+                 for r in preference_rows(train_rows, seed + 1000)]
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         model.train()
-        for _ in range(steps):
-            batch = rng.sample(pairs, 32)
-            enc = tokenizer([t for pair in batch for t in pair], return_tensors="pt", padding=True)
-            rewards = model(**enc).logits[:, 0].view(-1, 2)
-            loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # matrices this small: more threads only contend (4x slower on a busy box)
+        try:
+            _train_reward(model, tokenizer, pairs, opt, steps, rng)
+        finally:
+            torch.set_num_threads(threads)
         model.eval()
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def _train_reward(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], opt: Any, steps: int,
+                  rng: random.Random) -> None:
+    import torch.nn.functional as F
+
+    for _ in range(steps):
+        batch = rng.sample(pairs, 32)
+        enc = tokenizer([t for pair in batch for t in pair], return_tensors="pt", padding=True)
+        rewards = model(**enc).logits[:, 0].view(-1, 2)
+        loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 def _prompt_words(rng: random.Random, n_words: int) -> tuple[str, ...]:

@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
 from . import distributed as dist_cfg
-from . import storage
+from . import resume_source, scratch, storage
 from .batch import Batch
 from .config import TrainerConfig, resolve_log_format
 from .data.stream import PreferenceStream, RowKind
@@ -46,7 +45,7 @@ from .progress import StepLogger
 from .reference import Reference
 from .reference_cache import precompute
 from .result import write_result
-from .sharded_checkpoint import load_sharded, save_sharded
+from .sharded_checkpoint import load_sharded, save_sharded, shard_files_needed
 from .signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -56,6 +55,7 @@ class Trainer:
     # What the task trains on; SFTTrainer (sft_train.py) overrides both.
     row_kind: RowKind = "preference"
     uses_reference = True
+    unused_gauges: frozenset[str] = frozenset()  # exported only once set (metrics.TrainerMetrics)
 
     def __init__(self, cfg: TrainerConfig, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
@@ -81,6 +81,8 @@ class Trainer:
             fsdp_plugin=dist_cfg.fsdp_plugin(cfg),
         )
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        if self.acc.is_local_main_process:
+            scratch.clean_stale()  # staged checkpoints and downloads of runs that were killed
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         _log_distributed_type(self.acc, dist_cfg.wants_fsdp(cfg))
         dist_cfg.settle_loading_env(cfg, self.fsdp)
@@ -91,6 +93,7 @@ class Trainer:
             job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
             namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
             rank=self.rank,
+            unused=self.unused_gauges,
         )
         # Every retry advances kubedpo_s3_retries_total as it happens (s3transfer's threads, the export
         # included), counting on from the CLI's start-up checks.
@@ -148,7 +151,7 @@ class Trainer:
         if cfg.checkpoint.uri:
             self.writer = ckpt.CheckpointWriter(
                 cfg.checkpoint.uri, self.rank, self.world, cfg.checkpoint.keep_last,
-                staging=self._scratch("kubedpo-ckpt-"),
+                staging=self._scratch("ckpt"),
                 on_complete=lambda step: self.metrics.set(
                     {"last_checkpoint_step": step, "last_checkpoint_timestamp_seconds": time.time()}),
             )
@@ -170,7 +173,19 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        found = ckpt.newest_verified(self.cfg.checkpoint.uri, self._scratch("kubedpo-resume-"))
+        uri = self.cfg.checkpoint.uri
+        if not uri:
+            return
+        target = resume_source.folder(uri)
+        try:
+            self._load_checkpoint(uri, target)
+        finally:
+            self.acc.wait_for_everyone()  # every local rank has read the shared folder
+            resume_source.release(target, self.acc.is_local_main_process)
+
+    def _load_checkpoint(self, ckpt_uri: str, target: Path) -> None:
+        sharded = (lambda f: set()) if not self.fsdp else _shard_needs(self.models.policy, self.optimizer)
+        found = resume_source.agreed(ckpt_uri, target, ckpt.rank_needs(self.rank, sharded), self._gather_int)
         if found is None:
             return
         uri, local, step = found.uri, found.local, found.step
@@ -317,9 +332,9 @@ class Trainer:
         self.log.eval(self.step, values)
         return values
 
-    def _scratch(self, prefix: str) -> Path:
-        """A local temp folder removed when the run ends, however it ends."""
-        path = Path(tempfile.mkdtemp(prefix=prefix))
+    def _scratch(self, kind: str) -> Path:
+        """A local temp folder removed when the run ends; a SIGKILL's is removed by the next start."""
+        path = scratch.make(kind)
         self._scratch_dirs.append(path)
         return path
 
@@ -409,6 +424,10 @@ class Trainer:
         log.info("memory per rank: %s", json.dumps(out))
         return out
 
+    def _gather_int(self, value: int) -> list[int]:
+        t = torch.tensor([value], dtype=torch.int64, device=self.acc.device)
+        return [int(v) for v in self.acc.gather(t).tolist()]
+
     def _sum_over_ranks(self, value: float) -> int:
         t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
         return int(self.acc.reduce(t, reduction="sum").item())
@@ -447,6 +466,18 @@ class Trainer:
             export_final(model, self.tokenizer, self.cfg, summary, state_dict=full)
             log.info("model written to %s", self.cfg.output.uri)
         self.acc.wait_for_everyone()
+
+
+def _shard_needs(policy: torch.nn.Module, optimizer: Any) -> ckpt.Needs:
+    """FSDP: of a checkpoint's sharded/ folder, .metadata and the DCP files of this rank's pieces."""
+    needed = shard_files_needed(policy, optimizer)
+    meta = f"{ckpt.SHARDED_DIR}/.metadata"
+
+    def needs(found: ckpt.Verified) -> set[str]:
+        found.fetch({meta})
+        return {meta} | {f"{ckpt.SHARDED_DIR}/{name}" for name in needed(found.local / ckpt.SHARDED_DIR)}
+
+    return needs
 
 
 def index_uri(cfg: TrainerConfig) -> str | None:

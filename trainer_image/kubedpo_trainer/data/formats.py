@@ -66,8 +66,11 @@ def parse_row(raw: Any, fmt: Format = "auto") -> PreferenceRow:
         raise BadRecord("format 'standard' needs string fields")
     if fmt == "conversational" and not isinstance(chosen, list):
         raise BadRecord("format 'conversational' needs message lists")
+    # An empty answer after an explicit prompt is a real (bad) answer, e.g. a sampled policy that
+    # stopped at once: it trains as the EOS token alone, as in TRL. After an implicit prompt an
+    # empty rest means the two answers could not be told apart from the shared prefix.
     for name, value in (("chosen", chosen), ("rejected", rejected)):
-        if not value:
+        if not value and not (has_prompt and isinstance(value, str)):
             raise BadRecord(f"empty '{name}' response" + ("" if has_prompt else " after the shared prefix"))
     margin = _number(raw.get("margin"), "margin", 0.0)
     weight = _number(raw.get("weight"), "weight", 1.0)

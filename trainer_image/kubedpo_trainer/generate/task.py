@@ -11,6 +11,9 @@ After each round the ranks agree, in one small all-reduce, on the job-wide progr
 metrics) and on stopping: on SIGTERM each rank abandons its unit between two generate batches,
 keeps the parts already written and the task exits 75 (preempted) well inside the grace period.
 At the end rank 0 writes `kubedpo_generate_summary.json` into output.uri and the task result.
+Prompt and response counts cover every part of the output, skipped ones included (read back);
+`tokens` and `tokensPerSecond` are this attempt's generation only. `emptyResponses` counts
+responses that decode to "" (the policy ended at once): the judge sees them as they are.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .spec import check_spec
 log = logging.getLogger(__name__)
 
 TOTALS = ("prompts", "heldOutPrompts", "responses", "heldOutResponses", "tokens", "badRecords",
-          "truncatedPrompts", "unitsWritten", "unitsSkipped", "positionsDone", "positionsSkipped")
+          "truncatedPrompts", "unitsWritten", "unitsSkipped", "positionsDone", "positionsSkipped", "emptyResponses")
 
 
 @dataclass
@@ -104,6 +107,9 @@ class _Generate:
                          GENERATIONS_HELDOUT: _parts(storage.join(cfg.output.uri, GENERATIONS_HELDOUT))}
         self.total_positions = sum(u.size for u in self.units)
         self.metrics.set(generate_prompts_total=self.total_positions, total_steps=self.total_positions)
+        if cfg.training.distributed.strategy == "fsdp":
+            log.warning("training.distributed.strategy fsdp: task generate holds the whole model on every "
+                        "rank (no sharding); the strategy applies to training tasks only")
         plan = plan_precision(cfg.training.precision, cfg.model.dtype, self.acc.device)
         model = load_frozen(cfg.model.uri, cfg, self.acc.device, plan.reference_dtype, self.acc)
         self.sampler = Sampler(model, self.tokenizer, self.acc.device, plan.autocast_dtype)
@@ -178,6 +184,7 @@ class _Generate:
 
     def _count(self, rows: list[dict[str, Any]], held: bool, unit: Unit) -> None:
         responses = sum(len(r["responses"]) for r in rows)
+        self.tally.add(emptyResponses=sum(x == "" for r in rows for x in r["responses"]))
         if held:
             self.tally.add(heldOutPrompts=len(rows), heldOutResponses=responses)
         else:

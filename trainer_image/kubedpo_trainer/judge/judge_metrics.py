@@ -3,7 +3,9 @@
 Progress is in prompts judged (`kubedpo_step` / `kubedpo_total_steps` / `kubedpo_eta_seconds`) over
 this rank's share of the units (rank 0 serves them; units are dealt evenly, so its share tracks
 the job's); `kubedpo_tokens_per_second` is real tokens: the judge's prompt + completion tokens
-as the endpoint reports them, or the tokens the reward model scored.
+as the endpoint reports them, or the tokens the reward model scored. `kubedpo_job_tokens_per_second`
+(what status.progress shows) is set only with one rank: ranks do not talk, so rank 0 cannot know
+the others' tokens, and a rank-0 number under a job-wide name would lie.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..metrics import LABELS, PREFIX
 from .pairs import VERDICTS
 from .tally import ERROR_KINDS
 
-PROGRESS_GAUGES = ("step", "total_steps", "eta_seconds", "tokens_per_second", "attempt")
+PROGRESS_GAUGES = ("step", "total_steps", "eta_seconds", "tokens_per_second", "job_tokens_per_second", "attempt")
 
 
 class JudgeMetrics:
@@ -27,8 +29,9 @@ class JudgeMetrics:
         self.registry = r = CollectorRegistry()
         self._labels = {"dpojob": job, "namespace": namespace, "rank": str(rank)}
         lb = self._labels
-        self._gauges = {n: Gauge(PREFIX + n, f"Judge progress: {n.replace('_', ' ')}", LABELS, registry=r).labels(**lb)
-                        for n in PROGRESS_GAUGES}
+        # A gauge's series appears when first set (job_tokens_per_second never appears with 2+ ranks)
+        self._families = {n: Gauge(PREFIX + n, f"Judge progress: {n.replace('_', ' ')}", LABELS, registry=r)
+                          for n in PROGRESS_GAUGES}
         self._requests = PromCounter(PREFIX + "judge_requests", "Judge HTTP requests (every attempt) by outcome "
                                      "(ok, error), or reward-model rows scored (ok).", (*LABELS, "outcome"), registry=r)
         self._seconds = Histogram(PREFIX + "judge_request_seconds", "Latency of one judge request attempt.",
@@ -51,7 +54,7 @@ class JudgeMetrics:
 
     def set(self, **values: float) -> None:
         for name, value in values.items():
-            self._gauges[name].set(float(value))
+            self._families[name].labels(**self._labels).set(float(value))
 
     def request(self, outcome: str, seconds: float) -> None:
         self._requests.labels(**self._labels, outcome=outcome).inc()

@@ -41,8 +41,11 @@ class RewardModelJudge:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.tokenizer = load_tokenizer(self.rm.uri)
-        path = resolve_model_source(self.rm.uri)
+        try:
+            self.tokenizer = load_tokenizer(self.rm.uri)
+            path = resolve_model_source(self.rm.uri)
+        except InputError as err:
+            raise InputError(f"judge.rewardModel.uri: {err}") from None
         try:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as err:

@@ -176,9 +176,11 @@ class JudgeTask:
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = self.run_prompts / elapsed
         left = self.total_prompts - self.done_prompts
+        tokens_per_second = self.metrics.tokens_total / elapsed
         self.metrics.set(step=self.done_prompts, total_steps=self.total_prompts,
-                         eta_seconds=left / rate if rate > 0 else 0.0,
-                         tokens_per_second=self.metrics.tokens_total / elapsed)
+                         eta_seconds=left / rate if rate > 0 else 0.0, tokens_per_second=tokens_per_second)
+        if self.world == 1:
+            self.metrics.set(job_tokens_per_second=tokens_per_second)
 
     # --- win rates --------------------------------------------------------------------------------
 
