@@ -32,7 +32,6 @@ from kubedpo_operator.admission import admit, plan_attempt
 from kubedpo_operator.api import SpecError
 from kubedpo_operator.crd import build_crd, to_jsonschema
 from kubedpo_operator.settings import OperatorSettings
-from kubedpo_trainer.stage_config import RESULT_FILE_ENV
 from tests.operator.conftest import minimal_spec
 from tests.operator.test_crd_cel import violations
 
@@ -180,9 +179,10 @@ def _oracle(children: list[dict[str, Any]], workers: int) -> None:
     reserved = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "JOB_COMPLETION_INDEX"}
     names = [e["name"] for e in c["env"]]
     assert not reserved & set(names)
-    # Only the operator's own KUBEDPO_* variables (the spec cannot add any: the CEL rule refuses them).
-    assert sorted(n for n in names if n.startswith("KUBEDPO_")) == sorted(
-        ["KUBEDPO_JOB_NAME", "KUBEDPO_NAMESPACE", "KUBEDPO_ATTEMPT", RESULT_FILE_ENV])
+    # KUBEDPO_* are the operator's alone (user env cannot set them): each once, only ours.
+    kubedpo = [n for n in names if n.startswith("KUBEDPO_")]
+    always = {"KUBEDPO_JOB_NAME", "KUBEDPO_NAMESPACE", "KUBEDPO_ATTEMPT", "KUBEDPO_RESULT_FILE"}
+    assert len(kubedpo) == len(set(kubedpo)) and always <= set(kubedpo) <= always | {"KUBEDPO_JUDGE_API_KEY"}, kubedpo
     for e in c["env"]:
         assert ENV_NAME_128.match(e["name"]), e
         assert not (e.get("value") and "valueFrom" in e), e
