@@ -156,8 +156,9 @@ class PackingConfig(Schema):
     )
     row_tokens: int | None = Field(
         None, ge=16,
-        description="Length of one packed row (sequences never straddle rows). Default: "
-        "data.maxLength. Attention without a varlen kernel costs row length squared per row.",
+        description="Length of one packed row (sequences never straddle rows). Default: the whole "
+        "micro-batch in one row without padding where attention runs pair by pair (an sdpa model on "
+        "CPU), else data.maxLength (a dense mask costs row length squared per row).",
     )
 
 

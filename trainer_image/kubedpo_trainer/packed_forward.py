@@ -2,7 +2,9 @@
 
 - Attention: a (R, 1, T, T) mask built from each token's unit (`segment`) and part, passed to
   the model as a ready 4D mask (transformers uses a 4D mask as given) with per-part position
-  ids. SDPA takes it as a boolean mask, eager as an additive one. FlashAttention-2 cannot take
+  ids. SDPA takes it as a boolean mask, eager as an additive one. On CPU an sdpa model instead
+  attends unit by unit (packed_attention.py: the same mask per unit, no work across units), and
+  its micro-batch is one row without padding (`row_tokens`). FlashAttention-2 cannot take
   an arbitrary mask (its varlen path expresses restarts, not a prompt shared by two responses):
   it is refused with a message rather than silently attending across sequences.
 - LM head: a forward pre-hook on the output embedding gathers the M hidden states whose logits
@@ -24,6 +26,7 @@ from .data.packing import PROMPT
 from .forward import ForwardOutput, _innermost
 from .logprobs import token_logps
 from .models import PolicyAndReference
+from .packed_attention import KWARG, applies, unit_plan
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -76,16 +79,32 @@ def _head_gathers(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor
         handle.remove()
 
 
+def row_tokens(model: torch.nn.Module, row_tokens: int | None, max_tokens: int, max_length: int) -> int:
+    """Length of a packed row: `packing.rowTokens` if set; else the whole micro-batch in one row
+    where attention runs unit by unit (no padding, attention cost independent of the row), else
+    `data.maxLength` (a dense mask costs row length squared per row)."""
+    if row_tokens:
+        return row_tokens
+    return max_tokens if applies(model, _innermost(model)) else max_length
+
+
 def packed_forward(model: torch.nn.Module, packed: PackedBatch) -> ForwardOutput:
     """Per-sequence log-probs of a packed micro-batch, in the padded forward's `ForwardOutput`."""
     device = next(model.parameters()).device
     input_ids = packed["input_ids"].to(device)  # (R, T)
-    mask = block_mask(packed["segment"].to(device), packed["part"].to(device))
+    segment, part = packed["segment"].to(device), packed["part"].to(device)
     rows, cols = packed["tgt_row"].to(device), packed["src_pos"].to(device)  # (M,)
     dtype = next(model.parameters()).dtype
+    if applies(model, _innermost(model)):
+        # transformers passes a 4D mask through untouched (it would otherwise derive a dense one
+        # from the restarting position ids); the plan's per-unit masks replace it.
+        attn: dict[str, Any] = {"attention_mask": torch.ones(input_ids.shape[0], 1, 1, 1, dtype=torch.bool,
+                                                             device=device),
+                                KWARG: unit_plan(segment, part, block_mask)}
+    else:
+        attn = {"attention_mask": _attention_mask(model, block_mask(segment, part), dtype)}
     with _head_gathers(model, rows, cols) as gathered:
-        out = model(input_ids=input_ids, attention_mask=_attention_mask(model, mask, dtype),
-                    position_ids=packed["position_ids"].to(device), use_cache=False)
+        out = model(input_ids=input_ids, position_ids=packed["position_ids"].to(device), use_cache=False, **attn)
     logits = out.logits[0] if gathered else out.logits[rows, cols]  # (M, V)
     del out
     per_token, mean_logit = token_logps(logits, packed["target"].to(device))

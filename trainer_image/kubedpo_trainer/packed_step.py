@@ -23,7 +23,7 @@ from .batch import Batch, PackedBatch
 from .data.packing import pack, rows_from_batch, split_by_budget, split_into
 from .forward import ForwardOutput, dpo_metrics, logit_totals
 from .losses import LossInputs, beta_at, compute_loss
-from .packed_forward import packed_forward, packed_reference
+from .packed_forward import packed_forward, packed_reference, row_tokens
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,10 @@ def micro_batches(trainer: Any, batches: list[Batch]) -> list[PackedBatch]:
     mine = torch.tensor([len(chunks)], device=trainer.acc.device)
     count = int(trainer.acc.reduce(mine, reduction="max")) if trainer.world > 1 else len(chunks)
     chunks = split_into(rows, chunks, count, pk.share_prompt)
-    row_tokens = pk.row_tokens or trainer.cfg.data.max_length
+    length = row_tokens(trainer.models.policy, pk.row_tokens, pk.max_tokens, trainer.cfg.data.max_length)
     tok = trainer.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return [pack([rows[i] for i in c], pad, pk.share_prompt, row_tokens) for c in chunks]
+    return [pack([rows[i] for i in c], pad, pk.share_prompt, length) for c in chunks]
 
 
 def train_step_packed(trainer: Any, batches: list[Batch]) -> dict[str, float]:

@@ -40,7 +40,7 @@ from .data.packing import pack, rows_from_batch, split_by_budget
 from .data.stream import PreferenceStream
 from .data.tokenize import TokenizedRow
 from .errors import InputError
-from .packed_forward import packed_forward
+from .packed_forward import packed_forward, row_tokens
 from .precision import resolve_precision
 from .reference import Reference
 
@@ -142,7 +142,8 @@ def _forward(cfg: TrainerConfig, acc: Accelerator, models: Any, chunk: list[Toke
             ref = models.reference_logps(collate(chunk, pad))
         else:
             with models.reference_context() as model:
-                ref = packed_forward(model, pack(chunk, pad, pk.share_prompt, pk.row_tokens or cfg.data.max_length))
+                length = row_tokens(model, pk.row_tokens, pk.max_tokens, cfg.data.max_length)
+                ref = packed_forward(model, pack(chunk, pad, pk.share_prompt, length))
     return {r.row_id: (c, j) for r, c, j in zip(chunk, ref.chosen_logps.tolist(), ref.rejected_logps.tolist(),
                                                 strict=True)}
 
