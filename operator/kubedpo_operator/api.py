@@ -237,7 +237,7 @@ class DPOJobStatus(Schema):
         None, json_schema_extra=CONDITIONS_LIST,
         description="Kubernetes-style conditions, one per type. Created, Running, Suspended, Succeeded and "
         "Failed are always present (the False ones carry the current phase's reason and message); "
-        "ProgressAvailable, Retrying and MemoryPlan appear when they apply.")
+        "ProgressAvailable, Retrying, MemoryPlan and ResultAvailable appear when they apply.")
     attempt: int | None = Field(None, description="Index of the current gang attempt (0-based).")
     restarts: int | None = Field(None, description="Gang restarts counted against runPolicy.maxRestarts.")
     preemptions: int | None = Field(None, description="Restarts after preemption (not counted).")

@@ -151,8 +151,9 @@ class RoundResult(Schema):
     ties: int | None = Field(None, description="Prompts whose responses the judge could not separate.")
     unparseable: int | None = Field(None, description="Judge answers that could not be parsed (or refusals).")
     inconsistent: int | None = Field(None, description="Pairwise verdicts that changed with the order.")
-    reward_accuracy: float | None = Field(None, description="Reward accuracy of the trained round on its "
-                                          "held-out pairs (last evaluation).")
+    reward_accuracy: float | None = Field(None, description="Implicit-reward accuracy of the trained round "
+                                          "on (up to 256 of) its own pairs: how well it fit the judge's "
+                                          "preferences; the held-out measure is the win rate.")
     win_rate_vs_initial: float | None = Field(
         None, description="Judge's win rate of this round's policy over the initial policy on held-out "
         "prompts (ties count half).")

@@ -44,3 +44,22 @@ def test_a_damaged_line_is_ignored_and_paid_again(tmp_path: Path, caplog: pytest
     loaded = JudgementCache(str(tmp_path), fp)
     assert loaded.load() == 1
     assert "not a cache entry" in caplog.text and f"{seg}:2" in caplog.text
+
+
+def test_an_entry_of_another_shape_is_asked_again_not_a_crash(tmp_path: Path, judge_server) -> None:  # noqa: ANN001
+    from kubedpo_trainer.judge import templates as t
+    from kubedpo_trainer.judge.llm_judge import LLMJudge
+    from kubedpo_trainer.judge.tally import Tally
+    from kubedpo_trainer.stage_config import JudgeConfig, LLMJudgeConfig
+
+    judge = LLMJudge(JudgeConfig(kind="llm", llm=LLMJudgeConfig(url=judge_server.url, model="m"), generations="x"))
+    fp = fingerprint(judge.fingerprint_parts())
+    judge.cache = JudgementCache(str(tmp_path), fp)
+    request = t.messages("[User Question]\nWords: cat.\n\n[The Start of the Assistant's Answer]\nanimal\n"
+                         "[The End of the Assistant's Answer]", None)
+    judge.cache.put(request_key(fp, request), "an old format")
+    tally = Tally()
+    (answer,) = judge.ask([request], tally)
+    assert answer is not None and answer.text.endswith("[[10]]")
+    assert judge_server.requests == 1 and tally.cache_hits == 0
+    assert judge.cache.get(request_key(fp, request))["text"] == answer.text  # replaced by the new answer

@@ -67,7 +67,7 @@ def test_pairwise_judge_writes_pairs_rationales_summary_and_result(
     assert result == read_result(tmp_path / "result.json")
     assert result | {"winRates": None} == {
         "prompts": 12, "pairs": 12, "ties": 24, "unparseable": 0, "refusals": 0, "inconsistent": 0,
-        "requests": unit_requests, "cacheHits": 8, "errors": {}, "winRates": None}
+        "requests": unit_requests, "cacheHits": 8, "errors": {}, "emptyResponses": 0, "winRates": None}
     summary = json.loads(Path(out, "kubedpo_judge_summary.json").read_text())
     assert summary["compare"]["vsBase"]["wins"] == 4 and summary["compare"]["vsBase"]["ties"] == 2
     # per prompt: (0,3) identical and (1,2) both wrong are ties, the other 4 preferences
@@ -341,3 +341,25 @@ def test_standalone_judge_process_with_control_endpoints() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+
+def test_empty_responses_are_judged_counted_and_paired_as_rejected(judge_server: TinyJudge, tmp_path: Path) -> None:
+    """A policy that stops at once samples "" (seen in make demo-iterative): the judge rates it like
+    any answer naming no category, so it ends up the rejected side of a pair, which DPO trains on
+    (the EOS token alone) to teach the policy not to stop; the summary counts such answers."""
+    rows = tiny_generations(3, seed=31, pattern=("wrong", "right", "none"))
+    rows = [dict(r, responses=["", *r["responses"], "  "]) for r in rows]
+    gen = str(tmp_path / "gen")
+    write_generations(gen, [rows])
+    out = str(tmp_path / "out")
+    for mode, requests in (("pairwise", 3 * 10 * 2), ("pointwise", 3 * 5)):
+        before = judge_server.requests
+        _, result = run_task(judge_config(f"{out}-{mode}", {"kind": "llm", "llm": llm(judge_server.url, mode=mode),
+                                                            "generations": gen}))
+        pairs = read_jsonl(f"{out}-{mode}/pairs/part-00000.jsonl")
+        assert result["emptyResponses"] == 6 and len(pairs) == 3
+        assert judge_server.requests - before == requests  # every pair of the 5 texts, both orders
+        for p in pairs:
+            assert first_category(p["chosen"]) == right_category(p["prompt"])
+            assert p["rejected"] == ""  # rated like "none" (1); the first of the worst

@@ -79,3 +79,4 @@ def test_win_rate_ties_count_half_and_unjudged_are_left_out() -> None:
     assert outcomes == Counter(win=2, loss=1, tie=2, unjudged=2)
     assert win_rate(outcomes) == pytest.approx((2 + 0.5 * 2) / 5)
     assert win_rate(Counter(unjudged=3)) is None
+

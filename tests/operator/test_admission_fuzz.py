@@ -178,7 +178,11 @@ def _oracle(children: list[dict[str, Any]], workers: int) -> None:
     c = pod["containers"][0]
     reserved = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "JOB_COMPLETION_INDEX"}
     names = [e["name"] for e in c["env"]]
-    assert not reserved & set(names) and len([n for n in names if n.startswith("KUBEDPO_")]) == 3
+    assert not reserved & set(names)
+    # KUBEDPO_* are the operator's alone (user env cannot set them): each once, only ours.
+    kubedpo = [n for n in names if n.startswith("KUBEDPO_")]
+    always = {"KUBEDPO_JOB_NAME", "KUBEDPO_NAMESPACE", "KUBEDPO_ATTEMPT", "KUBEDPO_RESULT_FILE"}
+    assert len(kubedpo) == len(set(kubedpo)) and always <= set(kubedpo) <= always | {"KUBEDPO_JUDGE_API_KEY"}, kubedpo
     for e in c["env"]:
         assert ENV_NAME_128.match(e["name"]), e
         assert not (e.get("value") and "valueFrom" in e), e

@@ -23,7 +23,7 @@ from kubedpo_trainer import storage
 from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_PREEMPTED
 from kubedpo_trainer.generate.rows import prompt_id
 from kubedpo_trainer.tiny import write_preference_task
-from tests.support.runs import run_trainer
+from tests.support.runs import free_port, run_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -113,15 +113,16 @@ def test_one_rank_local_equals_two_ranks_on_s3(s3, tiny, tmp_path: Path) -> None
 
 
 class Proc:
-    """One generate process (a pod's single rank) that the test can kill."""
+    """One generate pod (one rank, or the launcher and `nproc` ranks) that the test can kill."""
 
-    def __init__(self, cfg: dict[str, Any], work: Path) -> None:
+    def __init__(self, cfg: dict[str, Any], work: Path, nproc: int | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         (work / "config.yaml").write_text(yaml.safe_dump(cfg))
         self.log = work / "stderr.log"
+        launch = ["--nproc-per-node", str(nproc), "--master-port", str(free_port())] if nproc else []
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kubedpo_trainer.cli", "--config", str(work / "config.yaml")],
+                [sys.executable, "-m", "kubedpo_trainer.cli", "--config", str(work / "config.yaml"), *launch],
                 env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f, stderr=f, start_new_session=True)
 
     def wait_for_parts(self, folder: Path, n: int, timeout: float = 120) -> None:
@@ -168,9 +169,12 @@ def test_sigkill_then_restart_recomputes_only_unfinished_units(tiny, tmp_path: P
     assert "holds generations of another spec (generate.temperature: 1.0 -> 0.5)" in other.stderr
 
 
-def test_sigterm_exits_75_keeping_finished_parts(tiny, tmp_path: Path) -> None:
+@pytest.mark.parametrize("nproc", [None, pytest.param(2, marks=pytest.mark.multiproc)], ids=["1-rank", "2-ranks"])
+def test_sigterm_exits_75_keeping_finished_parts(tiny, tmp_path: Path, nproc: int | None) -> None:
+    """SIGTERM to the pod's process (2 ranks: the launcher, which forwards it): every rank abandons
+    its unit between two generate calls, the ranks agree at the round's all-reduce, exit 75."""
     cfg = gen_config(str(tiny.model_dir), tiny.train_uri, str(tmp_path / "gen"), **SLOW)
-    run = Proc(cfg, tmp_path / "run")
+    run = Proc(cfg, tmp_path / "run", nproc)
     run.wait_for_parts(tmp_path / "gen" / "train", 2)
     t0 = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)

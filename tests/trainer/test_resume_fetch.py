@@ -37,6 +37,7 @@ def test_scratch_folders_of_dead_owners_are_removed_and_live_ones_kept(tmp_path:
     assert mine.is_dir() and shared.is_dir() and cache.is_dir() and not killed.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_two_ranks_on_one_node_fetch_each_checkpoint_file_once(s3, s3_task, fault_proxy,  # noqa: F811
                                                                tmp_path: Path) -> None:

@@ -43,6 +43,8 @@ def test_prompt_completion_messages_and_preference_rows_give_prompt_and_target()
     ({"prompt": "Q", "completion": [ASSISTANT]}, "both be strings or both message lists"),
     ({"prompt": "Q"}, "none of 'completion', 'messages', 'chosen'"),
     ({"prompt": "Q", "completion": " A", "weight": -1}, "'weight' must be >= 0"),
+    ({"prompt": "Q", "completion": ""}, "empty target"),
+    ({"prompt": "Q", "chosen": "", "rejected": " B"}, "empty target"),
     (["not", "an", "object"], "expected a JSON object"),
 ])
 def test_bad_sft_rows_say_what_is_wrong(raw, says: str) -> None:

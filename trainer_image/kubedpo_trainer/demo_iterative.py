@@ -1,8 +1,8 @@
 """`make demo-iterative`: SFT, then 2 rounds of generate -> judge -> DPO on the tiny task, on the CPU.
 
 Builds the tiny model, tokenizer and task locally (no downloads), starts the rule-based judge
-(`kubedpo_trainer.tiny_judge`: a real OpenAI-compatible HTTP server on 127.0.0.1 that knows
-the tiny task's answer), writes a DPOPipeline manifest and runs it with `kubedpo pipeline run`
+(`kubedpo_trainer.tiny_judge`: a real OpenAI-compatible HTTP server on 127.0.0.1, in a thread of
+this process, that knows the tiny task's answer), writes a DPOPipeline manifest and runs it with `kubedpo pipeline run`
 (each stage the DPOJob the operator would create, as local processes). Then it prints each
 round's held-out win rate beside what a coin flip scores (0.5).
 
@@ -15,17 +15,15 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .tiny import build_model, build_tokenizer, write_pipeline_task
+from .tiny_judge import TinyJudge
 
 COIN_FLIP = 0.5  # the win rate of a policy the judge cannot tell from its baseline (ties count half)
 NAME = "tiny-iterative"
@@ -42,21 +40,24 @@ def pipeline_manifest(root: Path, model_dir: str, sft_uri: str | None, prompts_u
         "prompts": {"train": prompts_uri, **({"heldOut": held_out_uri} if held_out_uri else {})},
         "rounds": rounds,
         "reference": "previous",
-        "generate": {"samplesPerPrompt": 4, "heldOutSamples": 1, "maxNewTokens": 4, "temperature": 1.0,
-                     "heldOutTemperature": 0.0, "batchSize": 64, "promptsPerShard": 64, "seed": 1},
+        "generate": {"samplesPerPrompt": 4, "heldOutSamples": 2, "maxNewTokens": 4, "temperature": 1.0,
+                     "batchSize": 64, "promptsPerShard": 64, "seed": 1},
         "judge": judge,
-        "training": {"loss": "sigmoid", "beta": 0.1, "learningRate": 5e-4, "batchSize": 16,
-                     "maxSteps": 12, "warmupRatio": 0.0, "loggingSteps": 4, "seed": 1},
+        # apo_zero (anchored preference optimisation): raises the chosen answer's likelihood and
+        # lowers the rejected one's. Plain sigmoid DPO lowers both on this tiny policy and moves
+        # the mass to junk tokens, so its sampled answers got worse (measured: docs/iterative-dpo.md).
+        "training": {"loss": "apo_zero", "beta": 0.1, "learningRate": 2e-3, "batchSize": 16,
+                     "maxSteps": 48, "warmupRatio": 0.0, "loggingSteps": 8, "seed": 1},
         "maxLength": 64,
         "maxPromptLength": 48,
-        "checkpoint": {"everySteps": 4, "keepLast": 1},
+        "checkpoint": {"everySteps": 16, "keepLast": 1},
         "output": output or str(root / "run"),
         "metrics": {"port": 0},
         "runPolicy": {"maxRestarts": 1},
     }
     if sft_uri:
         spec["sft"] = {"data": {"train": sft_uri},
-                       "training": {"learningRate": 3e-3, "batchSize": 16, "maxSteps": 48, "warmupRatio": 0.0,
+                       "training": {"learningRate": 3e-3, "batchSize": 16, "maxSteps": 64, "warmupRatio": 0.0,
                                     "loggingSteps": 8, "seed": 1}}
     spec.update(over)
     return {"apiVersion": "kubedpo.io/v1alpha1", "kind": "DPOPipeline", "metadata": {"name": name}, "spec": spec}
@@ -72,28 +73,6 @@ def build_tiny(root: Path) -> tuple[str, Any]:
     model_dir = root / "model"
     build_model(model_dir, build_tokenizer(model_dir), seed=0)
     return str(model_dir), write_pipeline_task(root / "data", SFT_ROWS, PROMPTS, HELD_OUT, seed=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_judge(port: int) -> subprocess.Popen[bytes]:
-    """The rule-based judge as its own process; returns once it answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "kubedpo_trainer.tiny_judge", "--port", str(port)])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/control/stats", timeout=1).read()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the judge server exited with {proc.returncode}") from None
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the judge server did not answer within 60 s")
 
 
 def win_rate_lines(output: Path) -> list[str]:
@@ -118,20 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.dir).resolve()
     shutil.rmtree(root, ignore_errors=True)
     model_dir, task = build_tiny(root / "artifacts")
-    port = free_port()
-    manifest = pipeline_manifest(root, model_dir, task.sft_uri, task.prompts_uri, task.held_out_uri,
-                                 llm_judge(f"http://127.0.0.1:{port}/v1"))
-    path = root / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    print(f"built the tiny model {model_dir} and task {root / 'artifacts' / 'data'}; pipeline {path}", flush=True)
-    judge = start_judge(port)
-    try:
+    with TinyJudge() as judge:  # its own thread; the stages reach it over HTTP like any endpoint
+        manifest = pipeline_manifest(root, model_dir, task.sft_uri, task.prompts_uri, task.held_out_uri,
+                                     llm_judge(judge.url))
+        path = root / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        print(f"built the tiny model {model_dir} and task {root / 'artifacts' / 'data'}; pipeline {path}; "
+              f"rule-based judge at {judge.url}", flush=True)
         cmd = [sys.executable, "-m", "kubedpo_operator.cli", "pipeline", "run", str(path)]
-        print("$ " + " ".join(cmd[1:]).replace("-m kubedpo_operator.cli", "kubedpo"), flush=True)
+        print("$ kubedpo pipeline run " + str(path), flush=True)
         code = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    finally:
-        judge.terminate()
-        judge.wait(timeout=10)
+        print(f"the judge answered {judge.requests} requests", flush=True)
     if code != 0:
         print(f"the pipeline failed with exit code {code}", file=sys.stderr)
         return code

@@ -67,18 +67,22 @@ def shard_files_needed(model: nn.Module, optimizer: Any) -> Callable[[Path], set
     Why not every file: each rank wrote its own `__<r>_0.distcp`, so with the same world size a
     rank needs 1/world of the bytes, and after a change of world size only the few files its new
     shards overlap. DCP's own planner decides it from `.metadata` alone (each piece's file, offset
-    and length), exactly as `load_sharded` will read. The state dict is taken once here (on every
-    rank, like the load), the planning per folder is local: no collective, so ranks may plan
-    different checkpoints while they agree on one.
+    and length), exactly as `load_sharded` will read. The state dict is taken once, when a sharded
+    checkpoint is first considered (every rank considers the newest first, as the load would take
+    it), and the planning per folder is local: no collective, so ranks may plan different
+    checkpoints while they agree on one.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(**_OPTIONS))
-    state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
+    state: dict[str, Any] = {}
 
     def needed(path: Path) -> set[str]:
+        if not state:  # first asked: taking the optimizer's state dict initialises its state (a step
+            # counter), which only a load may do: a fresh run must not pay it
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(**_OPTIONS))
+            state.update(model=model_sd, optimizer=optim_sd)
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
         planner = DefaultLoadPlanner()
         planner.set_up_planner(state, metadata, is_coordinator=False)

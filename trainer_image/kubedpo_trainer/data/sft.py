@@ -6,6 +6,7 @@ Accepted rows, decided per row:
   assistant's and is the target, the earlier turns are the prompt;
 - any preference row (`formats.parse_row`: standard, conversational, implicit): the chosen
   response is the target, so an SFT stage can run on the DPO data as it is.
+An empty target is a bad row (DPO accepts an empty answer, as the rejected side of a pair).
 
 Tokenization is DPO's (`tokenize.tokenize_row`, with the target as both responses): the same
 BOS/EOS rules, chat-template split, truncation and counters, so an SFT'd model sees exactly the
@@ -52,14 +53,14 @@ def parse_sft_row(raw: Any, fmt: str = "auto") -> PreferenceRow:
         target = _text_or_messages(raw["completion"], "completion")
         if type(prompt) is not type(target):
             raise BadRecord("prompt and completion must both be strings or both message lists")
-        if not target:
-            raise BadRecord("empty 'completion'")
     elif raw.get("chosen") is not None:
         pair = parse_row(raw, fmt)  # type: ignore[arg-type]
         prompt, target, weight = pair.prompt, pair.chosen, pair.weight
     else:
         raise BadRecord("expected {prompt, completion}, {messages} or a preference row {prompt, chosen, "
                         "rejected}; none of 'completion', 'messages', 'chosen' is present")
+    if target == "":  # DPO accepts an empty (rejected) answer; imitating one teaches answering nothing
+        raise BadRecord("empty target ('completion' or 'chosen'): SFT would train the model to answer nothing")
     return PreferenceRow(prompt, target, target, 0.0, weight)
 
 

@@ -94,4 +94,6 @@ def encode_part(rows: list[dict[str, Any]]) -> bytes:
 
 
 def decode_part(data: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    # "\n" only: str.splitlines() also breaks at U+0085/U+2028/form feeds, which a sampled
+    # response may hold and json.dumps(ensure_ascii=False) writes raw.
+    return [json.loads(line) for line in data.decode().split("\n") if line.strip()]

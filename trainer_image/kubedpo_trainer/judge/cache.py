@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 from .. import storage
@@ -46,7 +47,8 @@ class JudgementCache:
         self.fp = fp
         self.rank = rank
         self.flush_every = flush_every
-        self.run = f"{int(time.time())}-{os.getpid()}"
+        # Unique per process even where pods share PIDs and start in the same second (shared cacheUri)
+        self.run = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._entries: dict[str, Any] = {}
         self._pending: dict[str, Any] = {}
         self._written: list[str] = []  # this run's segments, merged by compact()

@@ -56,8 +56,8 @@ class LLMJudge:
             if key in found or key in todo:
                 continue
             hit = cache.get(key) if cache is not None else None
-            if hit is not None:
-                found[key] = Answer(**hit)
+            if isinstance(hit, dict) and isinstance(hit.get("text"), str):
+                found[key] = Answer(hit["text"], bool(hit.get("refusal")), int(hit.get("tokens") or 0))
                 tally.on_cache_hit()
             else:
                 todo[key] = messages

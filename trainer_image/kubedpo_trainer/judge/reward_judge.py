@@ -79,7 +79,7 @@ class RewardModelJudge:
             if key in found or key in todo:
                 continue
             hit = cache.get(key) if cache is not None else None
-            if hit is not None:
+            if isinstance(hit, int | float):
                 found[key] = float(hit)
                 tally.on_cache_hit()
             else:

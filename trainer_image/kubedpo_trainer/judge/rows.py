@@ -47,11 +47,12 @@ def parse_generation_line(line: str, where: str) -> GenerationRow:
 
 def read_generations(uri: str) -> list[GenerationRow]:
     text = storage.read_bytes(uri).decode()
-    return [parse_generation_line(line, f"{uri}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # "\n" only: str.splitlines() also breaks at U+0085/U+2028/form feeds inside a response.
+    return [parse_generation_line(line, f"{uri}:{n}") for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def count_rows(uri: str) -> int:
-    return sum(1 for line in storage.read_bytes(uri).decode().splitlines() if line.strip())
+    return sum(1 for line in storage.read_bytes(uri).decode().split("\n") if line.strip())
 
 
 def list_shards(prefix: str) -> list[str]:

@@ -34,6 +34,7 @@ class Tally:
     pairs: int = 0
     prompts: int = 0
     truncated: int = 0
+    empty: int = 0             # empty (or whitespace-only) responses among those judged
     observer: Observer | None = field(default=None, repr=False, compare=False)
 
     def on_request(self, ok: bool, seconds: float, tokens: int = 0) -> None:
@@ -68,7 +69,7 @@ class Tally:
 
     def as_dict(self) -> dict[str, Any]:
         return {"prompts": self.prompts, "pairs": self.pairs, "requests": self.requests, "retries": self.retries,
-                "cacheHits": self.cache_hits, "tokens": self.tokens, "truncated": self.truncated,
+                "cacheHits": self.cache_hits, "tokens": self.tokens, "truncated": self.truncated, "empty": self.empty,
                 "errors": dict(self.errors), "verdicts": dict(self.verdicts)}
 
     @classmethod
@@ -77,7 +78,7 @@ class Tally:
                    cache_hits=int(d.get("cacheHits", 0)), tokens=int(d.get("tokens", 0)),
                    errors=Counter(d.get("errors", {})), verdicts=Counter(d.get("verdicts", {})),
                    pairs=int(d.get("pairs", 0)), prompts=int(d.get("prompts", 0)),
-                   truncated=int(d.get("truncated", 0)))
+                   truncated=int(d.get("truncated", 0)), empty=int(d.get("empty", 0)))
 
     def add(self, other: Tally) -> None:
         """Sum another tally in (no observer events: those happened when it was counted)."""
@@ -90,3 +91,4 @@ class Tally:
         self.pairs += other.pairs
         self.prompts += other.prompts
         self.truncated += other.truncated
+        self.empty += other.empty

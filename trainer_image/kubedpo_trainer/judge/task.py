@@ -149,6 +149,9 @@ class JudgeTask:
         rationale_rows: list[dict[str, Any]] = []
         for start in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[start:start + CHUNK_ROWS]
+            # Empty answers (a policy that stopped at once) are judged like any other: as a pair's
+            # rejected side they teach the policy not to stop (DPO takes the EOS token alone).
+            tally.empty += sum(1 for r in chunk for x in r.responses if not x.strip())
             scored = self.judge.score([(r.prompt, r.responses) for r in chunk], tally)
             for row, s in zip(chunk, scored, strict=True):
                 self._rows_of(row, s, tally, pair_rows, rationale_rows)
@@ -249,7 +252,7 @@ class JudgeTask:
         result = {
             "prompts": total.prompts, "pairs": total.pairs, "ties": v["tie"], "unparseable": v["unparseable"],
             "refusals": v["refusal"], "inconsistent": v["inconsistent"], "requests": spent.requests,
-            "cacheHits": spent.cache_hits, "errors": dict(spent.errors),
+            "cacheHits": spent.cache_hits, "errors": dict(spent.errors), "emptyResponses": total.empty,
             "winRates": {name: c["winRate"] for name, c in compare.items()},
         }
         summary = {**result, "kind": self.judge.kind, "units": n_units, "retries": spent.retries,
