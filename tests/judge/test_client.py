@@ -142,3 +142,15 @@ def test_a_request_the_endpoint_rejects_is_not_retried(judge_server: TinyJudge) 
     tally = Tally()  # the rule judge answers 400 to a request without messages
     answers = client(judge_server.url).complete_all([[]], tally)
     assert answers == [None] and tally.errors == {"other": 1} and judge_server.requests == 1
+
+
+def test_the_http_library_does_not_log_every_request(caplog: pytest.LogCaptureFixture) -> None:
+    """A stage makes thousands of requests; httpx logs each at INFO, which drowned `make demo-iterative`'s
+    terminal. Requests are counted in the judge's metrics instead."""
+    import logging
+
+    import kubedpo_trainer.judge.client  # noqa: F401
+
+    caplog.set_level(logging.INFO)  # the trainer's root level (KUBEDPO_LOG_LEVEL defaults to INFO)
+    for name in ("httpx", "httpx2", "openai"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name

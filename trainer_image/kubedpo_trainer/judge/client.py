@@ -33,6 +33,10 @@ from .parsing import Answer
 from .tally import Tally
 
 log = logging.getLogger(__name__)
+# The openai client's HTTP library logs every request at INFO: thousands of lines per stage that
+# drown the progress; requests, latencies and errors are counted in the judge's metrics instead.
+for _name in ("httpx", "httpx2", "httpcore", "openai"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 API_KEY_ENV = "KUBEDPO_JUDGE_API_KEY"  # the operator maps judge.llm.apiKeySecret to this variable
 RETRY_AFTER_CAP_S = 300.0  # a server asking for longer is waited for this long, then asked again
