@@ -14,6 +14,7 @@ raw specs against exactly what the API server enforces (no "2" for an integer, n
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jsonschema
@@ -201,34 +202,43 @@ PRINTER_COLUMNS = [
 
 
 def build_crd() -> dict[str, Any]:
+    return crd_document(KIND, PLURAL, SINGULAR, SHORT_NAME, PRINTER_COLUMNS, NAME_RULE, MAX_NAME,
+                        "A DPO fine-tuning run of a causal language model, as a gang of pods.",
+                        spec_schema(), status_schema())
+
+
+def crd_document(kind: str, plural: str, singular: str, short_name: str, columns: Sequence[object],
+                 name_rule: dict[str, Any], max_name: int, description: str, spec: dict[str, Any],
+                 status: dict[str, Any]) -> dict[str, Any]:
+    """The CustomResourceDefinition around one kind's schema (DPOJob and DPOPipeline share it)."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
-            "names": {"kind": KIND, "plural": PLURAL, "singular": SINGULAR, "shortNames": [SHORT_NAME],
-                      "listKind": f"{KIND}List", "categories": ["all", "kubedpo", "ml"]},
+            "names": {"kind": kind, "plural": plural, "singular": singular, "shortNames": [short_name],
+                      "listKind": f"{kind}List", "categories": ["all", "kubedpo", "ml"]},
             "versions": [{
                 "name": VERSION,
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
-                "additionalPrinterColumns": PRINTER_COLUMNS,
+                "additionalPrinterColumns": list(columns),
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
-                    "description": "A DPO fine-tuning run of a causal language model, as a gang of pods.",
+                    "description": description,
                     "required": ["spec"],
-                    "x-kubernetes-validations": [NAME_RULE],
+                    "x-kubernetes-validations": [name_rule],
                     "properties": {
                         "apiVersion": {"type": "string", "description": "API version of this object."},
-                        "kind": {"type": "string", "description": "DPOJob."},
-                        # Only name/generateName may be restricted here; maxLength also bounds NAME_RULE's cost.
+                        "kind": {"type": "string", "description": f"{kind}."},
+                        # Only name/generateName may be restricted here; maxLength also bounds the name rule's cost.
                         "metadata": {"type": "object", "properties": {
-                            "name": {"type": "string", "maxLength": MAX_NAME}}},
-                        "spec": spec_schema(),
-                        "status": status_schema(),
+                            "name": {"type": "string", "maxLength": max_name}}},
+                        "spec": spec,
+                        "status": status,
                     },
                 }},
             }],

@@ -14,8 +14,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .api import GROUP, VERSION
-from .crd import structural, to_jsonschema
+from .crd import crd_document, structural, to_jsonschema
 from .pipeline_api import (
     PIPELINE_KIND,
     PIPELINE_MAX_NAME,
@@ -113,40 +112,11 @@ def pipeline_status_schema() -> dict[str, Any]:
 
 
 def build_pipeline_crd() -> dict[str, Any]:
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PIPELINE_PLURAL}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {"kind": PIPELINE_KIND, "plural": PIPELINE_PLURAL, "singular": PIPELINE_SINGULAR,
-                      "shortNames": [PIPELINE_SHORT_NAME], "listKind": f"{PIPELINE_KIND}List",
-                      "categories": ["all", "kubedpo", "ml"]},
-            "versions": [{
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": PRINTER_COLUMNS,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "Iterative DPO from one manifest: an optional SFT stage, then rounds of "
-                                   "generate -> judge -> train, each stage a DPOJob owned by the pipeline.",
-                    "required": ["spec"],
-                    "x-kubernetes-validations": [NAME_RULE],
-                    "properties": {
-                        "apiVersion": {"type": "string", "description": "API version of this object."},
-                        "kind": {"type": "string", "description": "DPOPipeline."},
-                        "metadata": {"type": "object", "properties": {
-                            "name": {"type": "string", "maxLength": PIPELINE_MAX_NAME}}},
-                        "spec": pipeline_spec_schema(),
-                        "status": pipeline_status_schema(),
-                    },
-                }},
-            }],
-        },
-    }
+    return crd_document(PIPELINE_KIND, PIPELINE_PLURAL, PIPELINE_SINGULAR, PIPELINE_SHORT_NAME, PRINTER_COLUMNS,
+                        NAME_RULE, PIPELINE_MAX_NAME,
+                        "Iterative DPO from one manifest: an optional SFT stage, then rounds of "
+                        "generate -> judge -> train, each stage a DPOJob owned by the pipeline.",
+                        pipeline_spec_schema(), pipeline_status_schema())
 
 
 def render_pipeline_crd() -> str:
