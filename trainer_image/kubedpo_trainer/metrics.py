@@ -8,6 +8,7 @@ other ranks still keep their registry so `values()` works everywhere.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -72,6 +73,18 @@ HISTOGRAMS = {
 }
 
 
+def task_identity() -> tuple[str, str, int]:
+    """(DPOJob name, namespace, attempt) from the env the operator gives every task's pods."""
+    return (os.environ.get("KUBEDPO_JOB_NAME", "local"), os.environ.get("KUBEDPO_NAMESPACE", ""),
+            int(os.environ.get("KUBEDPO_ATTEMPT", "0")))
+
+
+def serve_registry(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> int:
+    """Start a /metrics endpoint for `registry`; returns the bound port (port 0 picks a free one)."""
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return int(server.server_address[1])
+
+
 class TrainerMetrics:
     """The metrics of one trainer process, labelled dpojob/namespace/rank (`job`: the DPOJob's name)."""
 
@@ -126,6 +139,4 @@ class TrainerMetrics:
         self._histograms[name].observe(seconds)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Start the /metrics endpoint; returns the bound port (port 0 picks a free one)."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return int(server.server_address[1])
+        return serve_registry(self.registry, port, addr)

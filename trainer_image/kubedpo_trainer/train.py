@@ -37,7 +37,7 @@ from .export import export_final
 from .forward import concatenated_forward, dpo_metrics, logit_totals, logits_from_totals
 from .gpu_memory import cuda_memory_reader, max_over_ranks
 from .losses import LossInputs, beta_at, compute_loss
-from .metrics import TrainerMetrics
+from .metrics import TrainerMetrics, task_identity
 from .models import load_models, load_tokenizer
 from .packed_step import train_step_packed
 from .precision import plan_precision
@@ -89,17 +89,13 @@ class Trainer:
         set_seed(t.seed)
         if not sys.stderr.isatty() or resolve_log_format() == "rich":
             hf_logging.disable_progress_bar()  # pods get JSON lines; a terminal gets our one display
-        self.metrics = TrainerMetrics(
-            job=os.environ.get("KUBEDPO_JOB_NAME", "local"),
-            namespace=os.environ.get("KUBEDPO_NAMESPACE", ""),
-            rank=self.rank,
-            unused=self.unused_gauges,
-        )
+        job, namespace, attempt = task_identity()
+        self.metrics = TrainerMetrics(job=job, namespace=namespace, rank=self.rank, unused=self.unused_gauges)
         # Every retry advances kubedpo_s3_retries_total as it happens (s3transfer's threads, the export
         # included), counting on from the CLI's start-up checks.
         storage.configure(cfg.s3, keep_count=True,
                           on_retry=lambda total: self.metrics.sync_counter("s3_retries", total))
-        self.metrics.set({"attempt": int(os.environ.get("KUBEDPO_ATTEMPT", "0"))})  # gang restarts so far
+        self.metrics.set({"attempt": attempt})  # gang restarts so far
         if self.rank == 0 and cfg.metrics.port:
             self.metrics_port = self.metrics.serve(cfg.metrics.port)
             log.info("metrics on :%d/metrics", self.metrics_port)

@@ -8,9 +8,9 @@ generate pod exports no DPO loss or reward series, which would read as zeros on 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..metrics import LABELS, PREFIX
+from ..metrics import LABELS, PREFIX, serve_registry
 
 GAUGES = {
     "step": "Prompts done (generate: the progress unit is a prompt), all ranks.",
@@ -50,5 +50,4 @@ class GenerateMetrics:
             self._counted[name] = total
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return int(server.server_address[1])
+        return serve_registry(self.registry, port, addr)

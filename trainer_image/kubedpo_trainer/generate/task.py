@@ -22,7 +22,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from ..config import TrainerConfig
 from ..data.formats import BadRecord
 from ..data.stream import PreferenceStream, default_index_uri
 from ..errors import ConfigError, InputError, Preempted
+from ..metrics import task_identity
 from ..result import write_result
 from ..signals import StopRequest
 from ..stage_config import GENERATE_SUMMARY, GENERATIONS_HELDOUT, GENERATIONS_TRAIN
@@ -95,9 +95,9 @@ class _Generate:
         self.acc = Accelerator(cpu=device == "cpu")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         storage.configure(cfg.s3)
-        self.metrics = GenerateMetrics(os.environ.get("KUBEDPO_JOB_NAME", "local"),
-                                       os.environ.get("KUBEDPO_NAMESPACE", ""), self.rank)
-        self.metrics.set(attempt=int(os.environ.get("KUBEDPO_ATTEMPT", "0")))
+        job, namespace, attempt = task_identity()
+        self.metrics = GenerateMetrics(job, namespace, self.rank)
+        self.metrics.set(attempt=attempt)
         if self.rank == 0 and cfg.metrics.port:
             log.info("metrics on :%d/metrics", self.metrics.serve(cfg.metrics.port))
         self._check_spec()

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
-from ..metrics import LABELS, PREFIX
+from ..metrics import LABELS, PREFIX, serve_registry
 from .pairs import VERDICTS
 from .tally import ERROR_KINDS
 
@@ -79,5 +79,4 @@ class JudgeMetrics:
         self.tokens_total += n
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return int(server.server_address[1])
+        return serve_registry(self.registry, port, addr)

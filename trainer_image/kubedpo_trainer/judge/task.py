@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from .. import storage
 from ..config import TrainerConfig
 from ..errors import InputError
+from ..metrics import task_identity
 from ..result import write_result
 from ..signals import StopRequest
 from ..stage_config import (
@@ -90,9 +91,9 @@ class JudgeTask:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.out = cfg.output.uri
         storage.configure(cfg.s3)
-        self.metrics = JudgeMetrics(os.environ.get("KUBEDPO_JOB_NAME", "local"),
-                                    os.environ.get("KUBEDPO_NAMESPACE", ""), self.rank)
-        self.metrics.set(attempt=int(os.environ.get("KUBEDPO_ATTEMPT", "0")))
+        job, namespace, attempt = task_identity()
+        self.metrics = JudgeMetrics(job, namespace, self.rank)
+        self.metrics.set(attempt=attempt)
         if self.rank == 0 and cfg.metrics.port:
             log.info("metrics on :%d/metrics", self.metrics.serve(cfg.metrics.port))
         self.judge = judge or build_judge(cfg)
