@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -30,14 +30,20 @@ from .children import trainer_args, trainer_env
 
 def load_manifest(path: str) -> tuple[str, str, DPOJobSpec]:
     """(name, namespace, spec) of the first DPOJob in `path`; SpecError names the bad field."""
-    with open(path) as f:
-        docs = [d for d in yaml.safe_load_all(f) if isinstance(d, dict) and d.get("kind") == KIND]
-    if not docs:
-        raise SpecError("kind", f"{path}: no {KIND} document")
-    meta = docs[0].get("metadata") or {}
-    name = meta.get("name") or Path(path).stem
+    name, namespace, raw = first_document(path, KIND)
     check_name(name)
-    return name, meta.get("namespace", "default"), parse_spec(docs[0].get("spec"))
+    return name, namespace, parse_spec(raw)
+
+
+def first_document(path: str, kind: str) -> tuple[str, str, Any]:
+    """(name, namespace, raw spec) of the first `kind` document in a YAML file; the name defaults
+    to the file's stem, the namespace to default."""
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if isinstance(d, dict) and d.get("kind") == kind]
+    if not docs:
+        raise SpecError("kind", f"{path}: no {kind} document")
+    meta = docs[0].get("metadata") or {}
+    return meta.get("name") or Path(path).stem, meta.get("namespace", "default"), docs[0].get("spec")
 
 
 def local_env(spec: DPOJobSpec, name: str, namespace: str, attempt: int, index: int,

@@ -32,7 +32,7 @@ from kubedpo_trainer.errors import EXIT_CONFIG, EXIT_OK
 from kubedpo_trainer.stage_config import RESULT_FILE_ENV
 
 from .api import SpecError
-from .local import run_attempts
+from .local import first_document, run_attempts
 from .pipeline_api import PIPELINE_KIND, DPOPipelineSpec, RoundResult
 from .pipeline_plan import PlannedStage, parse_pipeline, root, round_results
 
@@ -42,14 +42,9 @@ COIN_FLIP = 0.5  # a judge with no preference between two policies: ties count h
 
 def load_pipeline_manifest(path: str) -> tuple[str, str, DPOPipelineSpec, list[PlannedStage]]:
     """(name, namespace, spec, stages) of the first DPOPipeline in `path`; SpecError names the field."""
-    with open(path) as f:
-        docs = [d for d in yaml.safe_load_all(f) if isinstance(d, dict) and d.get("kind") == PIPELINE_KIND]
-    if not docs:
-        raise SpecError("kind", f"{path}: no {PIPELINE_KIND} document")
-    meta = docs[0].get("metadata") or {}
-    name = meta.get("name") or Path(path).stem
-    spec, stages = parse_pipeline(name, docs[0].get("spec"))
-    return name, meta.get("namespace", "default"), spec, stages
+    name, namespace, raw = first_document(path, PIPELINE_KIND)
+    spec, stages = parse_pipeline(name, raw)
+    return name, namespace, spec, stages
 
 
 def marker_uri(spec: DPOPipelineSpec, stage: PlannedStage) -> str:
