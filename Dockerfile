@@ -6,7 +6,10 @@
 # extra stays out. Size: about 0.3 GB (python:3.11-slim is ~0.15 GB; boto3/botocore, kubernetes,
 # kopf and pydantic add the rest), not the 150 MB an earlier comment claimed.
 # OCI labels: docker build --build-arg VERSION=0.1.0 --build-arg REVISION=$(git rev-parse HEAD) .
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Base pinned by digest (the multi-platform index of python:3.11-slim-bookworm, Python 3.11.16, as
+# recorded by docker-library/repo-info). Update: scripts/pin-base-image.sh (docker buildx, crane or
+# skopeo) rewrites this ARG in both Dockerfiles; run it with each Python security release.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:0bee7276f83efd4a1ee05bbbf4281d95ed28e079220a9457f25a93e3f1e3c31b
 
 # --- builder: resolve the pinned set into a venv (pip, wheels and build tools stay here) ---
 FROM ${PYTHON_IMAGE} AS builder

@@ -184,6 +184,55 @@ def test_runtime_image_carries_oci_labels(path: Path) -> None:
     assert 'licenses="Apache-2.0"' in labels and (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
 
 
+DIGEST_PIN = re.compile(r"^ARG PYTHON_IMAGE=(python:3\.11-slim-\w+)@(sha256:[0-9a-f]{64})$", re.M)
+
+
+def test_base_images_are_pinned_by_one_digest() -> None:
+    """A tag moves under a rebuild (a new Debian point release, a new Python patch); the digest does not."""
+    pins = {path.name + str(path.parent.name): DIGEST_PIN.findall(path.read_text()) for path in (OPERATOR, TRAINER)}
+    for name, found in pins.items():
+        assert len(found) == 1, f"{name}: ARG PYTHON_IMAGE must be <tag>@sha256:<64 hex> (scripts/pin-base-image.sh)"
+    assert len({found[0] for found in pins.values()}) == 1, f"both images must share one base: {pins}"
+    for path in (OPERATOR, TRAINER):
+        assert all(s.base == parse(path)[0].base for s in parse(path)), f"{path}: every stage FROM the pinned base"
+
+
+_FAKE_DOCKER = """#!/bin/sh
+# Stand-in for `docker buildx` (no registry here): answers imagetools inspect with $FAKE_DIGEST.
+[ "$1 $2" = "buildx version" ] && exit 0
+[ "$1 $2 $3" = "buildx imagetools inspect" ] && echo "$1 $2 $3 $4" >> "$FAKE_LOG" && printf '"%s"\\n' "$FAKE_DIGEST" && exit 0
+exit 1
+"""
+
+
+@pytest.mark.parametrize("answer", ["sha256:" + "ab" * 32, "not-a-digest"])
+def test_pin_script_rewrites_both_dockerfiles(answer: str, tmp_path: Path) -> None:
+    """The documented update path, run against a stand-in `docker` (a registry is out of reach here)."""
+    for rel in ("Dockerfile", "trainer_image/Dockerfile", "scripts/pin-base-image.sh"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, tmp_path / rel)
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    fake.write_text(_FAKE_DOCKER)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "FAKE_DIGEST": answer, "FAKE_LOG": str(log)}
+    before = {rel: (tmp_path / rel).read_text() for rel in ("Dockerfile", "trainer_image/Dockerfile")}
+    proc = subprocess.run(["bash", str(tmp_path / "scripts/pin-base-image.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    tag = DIGEST_PIN.search(before["Dockerfile"]).group(1)
+    assert log.read_text().split() == ["buildx", "imagetools", "inspect", tag], "asks for the tag in use"
+    if answer.startswith("sha256:"):
+        assert proc.returncode == 0, proc.stderr
+        for rel, text in before.items():
+            after = (tmp_path / rel).read_text()
+            assert DIGEST_PIN.findall(after) == [(tag, answer)], rel
+            assert after.replace(answer, "X") == DIGEST_PIN.sub(f"ARG PYTHON_IMAGE={tag}@X", text), "only the pin changed"
+    else:
+        assert proc.returncode == 1 and "not a sha256 digest" in proc.stderr
+        assert all((tmp_path / rel).read_text() == text for rel, text in before.items()), "nothing half-written"
+
+
 def _builder_script(path: Path, venv: Path, args: dict[str, str]) -> list[str]:
     """The builder stage's RUN commands, with /opt/venv moved to `venv` and ARGs substituted."""
     stages = parse(path)
