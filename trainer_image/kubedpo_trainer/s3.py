@@ -19,12 +19,15 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.session
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
+from botocore.utils import parse_timestamp
 
 from .config import S3Config
 from .errors import InputError
@@ -60,6 +63,22 @@ _TRANSFER_RETRIES = _TransferRetries()
 _TRANSFER_LOG = logging.getLogger("s3transfer.download")
 _TRANSFER_LOG.addFilter(_TRANSFER_RETRIES)
 _TRANSFER_LOG.setLevel(logging.DEBUG)
+
+
+def fast_timestamp(value: Any) -> datetime:
+    """A listing carries one ISO 8601 `LastModified` per object, and botocore parses each with
+    dateutil (about 0.3 ms): listing 2,000 shards cost 0.7 s of CPU before step 1, 100,000 shards
+    would cost half a minute. The C parser takes microseconds; any other form (HTTP dates in
+    headers, epoch numbers) still goes through botocore's own parser, so results are the same.
+    """
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed
+    return parse_timestamp(value)
 
 
 def split(uri: str) -> tuple[str, str]:
@@ -105,7 +124,9 @@ class S3Client:
         with self._lock:
             if self._client is None:
                 s = self.settings
-                self._session = boto3.session.Session()
+                core = botocore.session.get_session()
+                core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=fast_timestamp)
+                self._session = boto3.session.Session(botocore_session=core)
                 cfg = Config(
                     # total_max_attempts counts the first try; botocore's max_attempts would not.
                     retries={"mode": "standard", "total_max_attempts": s.max_attempts},
