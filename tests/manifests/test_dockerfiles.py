@@ -249,10 +249,11 @@ def _builder_script(path: Path, venv: Path, args: dict[str, str]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("path", "args"), [
     (OPERATOR, {}),
+    # About 2.5 min on 2 quiet cores (torch, transformers, accelerate into a fresh venv); part of
+    # `make test` and CI. KUBEDPO_IMAGE_ENV_TESTS=0 skips it in a local loop that does not touch
+    # the Dockerfile, pyproject.toml or the constraints file.
     pytest.param(TRAINER, {"TORCH_VARIANT": "cpu"}, marks=pytest.mark.skipif(
-        os.environ.get("KUBEDPO_IMAGE_ENV_TESTS") != "1",
-        reason="installs torch+transformers into a fresh venv (about 5-12 min on 2 cores): "
-               "KUBEDPO_IMAGE_ENV_TESTS=1 runs it (CI's image job)")),
+        os.environ.get("KUBEDPO_IMAGE_ENV_TESTS") == "0", reason="KUBEDPO_IMAGE_ENV_TESTS=0")),
 ], ids=["operator", "trainer-cpu"])
 def test_builder_commands_install_a_working_env(path: Path, args: dict[str, str], tmp_path: Path) -> None:
     """The builder stage's own RUN lines, run in a fresh venv on the COPYed files: a broken install
