@@ -17,6 +17,7 @@ it and gathers one layer at a time in its forward, the same as the policy.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from .config import TrainerConfig
 from .precision import resolve_precision
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
@@ -181,3 +183,36 @@ def rebind_optimizer(optimizer: Any, model: nn.Module) -> None:
     if len(groups) != 1 or len(groups[0]["params"]) != len(params) or optimizer.state:
         raise RuntimeError("rebind_optimizer: expected one fresh parameter group matching the model")
     groups[0]["params"] = params
+
+
+def log_distributed_type(acc: Accelerator, spec_fsdp: bool = False) -> None:
+    """Say which parallelism accelerate chose; warn when FSDP was asked for and not granted.
+
+    accelerate (1.15) turns `ACCELERATE_USE_FSDP`/`accelerate launch --use_fsdp` into FSDP only on
+    GPU-type backends: on CPU (gloo) it silently runs DDP (MULTI_CPU) instead.
+    """
+    kind = acc.distributed_type
+    if kind == DistributedType.FSDP:
+        log.info("distributed: FSDP%d over %d processes", 2 if acc.is_fsdp2 else 1, acc.num_processes)
+    else:
+        log.info("distributed: %s over %d processes", kind.value, acc.num_processes)
+        if spec_fsdp:
+            log.warning("training.distributed.strategy is fsdp but accelerate runs %s: it enables FSDP only on "
+                        "GPU-type devices; training continues with replicated weights", kind.value)
+        elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            log.warning("FSDP was requested (ACCELERATE_USE_FSDP) but accelerate runs %s: it enables FSDP "
+                        "only on GPU-type devices; training continues with replicated weights", kind.value)
+
+
+def memory_per_rank(acc: Accelerator, policy: nn.Module, reference: nn.Module | None, rss_before: int) -> dict[str, Any]:
+    """Per-rank bytes of policy and reference parameters held locally (FSDP: shards) and host
+    RSS growth while loading, gathered to every rank: what sharding and rank-0 loading save.
+    A collective: every rank calls it once, after the models are prepared."""
+    mine = [local_bytes(policy), local_bytes(reference), host_rss_bytes() - rss_before, peak_rss_bytes() - rss_before]
+    rows = acc.gather(torch.tensor([mine], dtype=torch.float64, device=acc.device)).tolist()
+    keys = ("policy_local_bytes", "reference_local_bytes", "load_rss_growth_bytes", "load_peak_rss_growth_bytes")
+    out: dict[str, Any] = {k: [int(r[i]) for r in rows] for i, k in enumerate(keys)}
+    out["policy_full_bytes"] = full_bytes(policy)
+    out["reference_full_bytes"] = full_bytes(reference)
+    log.info("memory per rank: %s", json.dumps(out))
+    return out

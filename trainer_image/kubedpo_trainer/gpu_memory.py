@@ -38,3 +38,12 @@ def max_over_ranks(reader: MemoryReader, gather: Gather, device: torch.device | 
     local = torch.tensor(reader(), dtype=torch.float64, device=device)
     peaks = gather(local).reshape(-1, 2).max(dim=0).values
     return {"allocated": float(peaks[0]), "reserved": float(peaks[1])}
+
+
+def peak_memory_bytes() -> int:
+    """Peak CUDA memory allocated on GPU; peak resident set size of this process on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import collectives
 from .batch import Batch, PackedBatch
 from .data.packing import pack, rows_from_batch, split_by_budget, split_into
 from .forward import ForwardOutput, dpo_metrics, logit_totals
@@ -87,7 +88,7 @@ def train_step_packed(trainer: Any, batches: list[Batch]) -> dict[str, float]:
     policy_out = _cat(outs)
     step_loss = _StepLoss(torch.stack(losses).sum(), torch.cat(chosen), torch.cat(rejected))
     pairs = float(sum(int((b["weight"] > 0).sum()) for b in batches))  # real pairs: padding is no data
-    values = trainer._mean_over_ranks({k: v * pairs for k, v in dpo_metrics(step_loss, policy_out).items()},
-                                      pairs, logit_totals(policy_out)[None] * (pairs > 0))
+    values = collectives.mean_over_ranks(acc, {k: v * pairs for k, v in dpo_metrics(step_loss, policy_out).items()},
+                                         pairs, logit_totals(policy_out)[None] * (pairs > 0))
     values.update(grad_norm=grad_norm, learning_rate=trainer.scheduler.get_last_lr()[0], beta=beta)
     return values

@@ -24,9 +24,11 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import checkpoint as ckpt
 from . import scratch
+from .sharded_checkpoint import shard_files_needed
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +60,15 @@ def release(target: Path, local_main: bool) -> None:
     """After every rank has loaded (the caller's barrier): the node's first rank removes the folder."""
     if local_main:
         shutil.rmtree(target, ignore_errors=True)
+
+
+def fsdp_needs(policy: Any, optimizer: Any) -> ckpt.Needs:
+    """FSDP: of a checkpoint's sharded/ folder, .metadata and the DCP files of this rank's pieces."""
+    needed = shard_files_needed(policy, optimizer)
+    meta = f"{ckpt.SHARDED_DIR}/.metadata"
+
+    def needs(found: ckpt.Verified) -> set[str]:
+        found.fetch({meta})
+        return {meta} | {f"{ckpt.SHARDED_DIR}/{name}" for name in needed(found.local / ckpt.SHARDED_DIR)}
+
+    return needs

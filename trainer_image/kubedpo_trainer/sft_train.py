@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import collectives
 from .batch import SFTBatch
 from .data.stream import PreferenceStream, RowKind
 from .evaluate import equal_batch_counts
@@ -35,7 +36,7 @@ class SFTTrainer(Trainer):
     def train_step(self, batches: list[Any]) -> dict[str, float] | None:
         """One optimizer step; None (skipped, scheduler advanced) when no rank has a target token."""
         shares = [weighted_tokens(b) for b in batches]  # this rank's weighted target tokens per micro-batch
-        total = self._sum_over_ranks_float(sum(shares))
+        total = collectives.sum_over_ranks(self.acc, sum(shares))
         if total <= 0:
             self.scheduler.step()
             return None
@@ -60,7 +61,7 @@ class SFTTrainer(Trainer):
             self.metrics.inc("tokens", batch["num_tokens"])
             self.tokens_total += batch["num_tokens"]
         self.scheduler.step()
-        sums = self._reduce([nll, correct])
+        sums = collectives.sum_each(self.acc, [nll, correct])
         return {"loss": sums[0] / total, "mean_token_accuracy": sums[1] / total, "grad_norm": grad_norm,
                 "learning_rate": self.scheduler.get_last_lr()[0]}
 
@@ -90,7 +91,7 @@ class SFTTrainer(Trainer):
             tokens += float((w * out.tokens).sum())
         if was_training:
             policy.train()
-        nll, correct, tokens = self._reduce([nll, correct, tokens])
+        nll, correct, tokens = collectives.sum_each(self.acc, [nll, correct, tokens])
         if tokens == 0:
             return {}
         values = {"eval_loss": nll / tokens, "eval_mean_token_accuracy": correct / tokens}
@@ -104,10 +105,3 @@ class SFTTrainer(Trainer):
         if "eval_loss" in summary["eval"]:
             out["evalLoss"] = summary["eval"]["eval_loss"]
         return out
-
-    def _reduce(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
-        return [float(v) for v in self.acc.reduce(t, reduction="sum").tolist()]
-
-    def _sum_over_ranks_float(self, value: float) -> float:
-        return self._reduce([value])[0]

@@ -26,16 +26,16 @@ from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint as ckpt
+from . import collectives, heap, loop_state, resume_source, scratch, storage
 from . import distributed as dist_cfg
-from . import resume_source, scratch, storage
 from .batch import Batch
 from .config import TrainerConfig, resolve_log_format
 from .data.stream import PreferenceStream, RowKind
 from .errors import InputError, Preempted
 from .evaluate import evaluate
 from .export import export_final
-from .forward import concatenated_forward, dpo_metrics, logit_totals, logits_from_totals
-from .gpu_memory import cuda_memory_reader, max_over_ranks
+from .forward import concatenated_forward, dpo_metrics, logit_totals
+from .gpu_memory import cuda_memory_reader, max_over_ranks, peak_memory_bytes
 from .losses import LossInputs, beta_at, compute_loss
 from .metrics import TrainerMetrics, task_identity
 from .models import load_models, load_tokenizer
@@ -45,7 +45,6 @@ from .progress import StepLogger
 from .reference import Reference
 from .reference_cache import precompute
 from .result import write_result
-from .sharded_checkpoint import load_sharded, save_sharded, shard_files_needed
 from .signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, t = self.cfg, self.cfg.training
+        heap.freeze_long_lived()  # the imports: see heap.py
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.precision = plan_precision(t.precision, cfg.model.dtype, device)
         self.acc = Accelerator(
@@ -84,7 +84,7 @@ class Trainer:
         if self.acc.is_local_main_process:
             scratch.clean_stale()  # staged checkpoints and downloads of runs that were killed
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
-        _log_distributed_type(self.acc, dist_cfg.wants_fsdp(cfg))
+        dist_cfg.log_distributed_type(self.acc, dist_cfg.wants_fsdp(cfg))
         dist_cfg.settle_loading_env(cfg, self.fsdp)
         set_seed(t.seed)
         if not sys.stderr.isatty() or resolve_log_format() == "rich":
@@ -118,6 +118,7 @@ class Trainer:
         params = [p for p in self.models.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
                                            fused=fused_adamw_ok(params))
+        heap.freeze_long_lived()  # the models and the optimizer, before the data set is listed
         self.train_stream = PreferenceStream(
             cfg.data, cfg.data.train, self.tokenizer, self.rank, self.world, t.batch_size,
             accumulation=t.gradient_accumulation_steps, index_uri=index_uri(cfg), barrier=self.acc.wait_for_everyone,
@@ -138,7 +139,7 @@ class Trainer:
             self.models.policy, self.optimizer = self.acc.prepare(self.models.policy, self.optimizer)
             if self.fsdp:
                 dist_cfg.rebind_optimizer(self.optimizer, self.models.policy)
-        self.memory = self._memory_per_rank(rss_before)
+        self.memory = dist_cfg.memory_per_rank(self.acc, self.models.policy, self.models.reference, rss_before)
         if late_precompute:
             self.reference = precompute(cfg, self.acc, self.models, self.tokenizer)
         if self.fsdp and t.gradient_checkpointing:
@@ -153,6 +154,7 @@ class Trainer:
             )
         self._resume()
         self.log = StepLogger(self.rank, self.total_steps, self.metrics, start_step=self.step)
+        heap.freeze_long_lived()  # what accelerate prepared, the writer, the resumed state
 
     def _total_steps(self) -> int:
         t = self.cfg.training
@@ -180,55 +182,20 @@ class Trainer:
             resume_source.release(target, self.acc.is_local_main_process)
 
     def _load_checkpoint(self, ckpt_uri: str, target: Path) -> None:
-        sharded = (lambda f: set()) if not self.fsdp else _shard_needs(self.models.policy, self.optimizer)
-        found = resume_source.agreed(ckpt_uri, target, ckpt.rank_needs(self.rank, sharded), self._gather_int)
+        sharded = (lambda f: set()) if not self.fsdp else resume_source.fsdp_needs(self.models.policy, self.optimizer)
+        found = resume_source.agreed(ckpt_uri, target, ckpt.rank_needs(self.rank, sharded),
+                                     lambda v: collectives.gather_int(self.acc, v))
         if found is None:
             return
-        uri, local, step = found.uri, found.local, found.step
-        state = ckpt.load_json(local / ckpt.TRAINER_STATE)
-        # Another world size is fine for the model (DDP: replicated; FSDP: DCP reshards on load); the
-        # data stream refuses it unless the global batch is unchanged.
-        old_world = state["world_size"]
-        model = self.acc.unwrap_model(self.models.policy)
-        if self.fsdp:  # each rank reads the pieces of its own shards, whoever wrote them
-            if not found.has(ckpt.SHARDED_DIR):
-                raise InputError(f"{uri}: no {ckpt.SHARDED_DIR}/: written without FSDP, resume it without FSDP")
-            load_sharded(self.models.policy, self.optimizer, local / ckpt.SHARDED_DIR)
-        else:
-            if found.has(ckpt.SHARDED_DIR):
-                raise InputError(f"{uri}: {ckpt.SHARDED_DIR}/ but no {ckpt.OPTIMIZER}: written under FSDP, "
-                                 "resume it under FSDP")
-            ckpt.load_trainable_state(model, local / ckpt.weights_file(model))
-            self.optimizer.load_state_dict(ckpt.load_torch(local / ckpt.OPTIMIZER))
-        self.scheduler.load_state_dict(ckpt.load_torch(local / ckpt.SCHEDULER))
-        if (local / ckpt.rng_file(self.rank)).exists():  # a rank new to this world size has none
-            ckpt.set_rng_state(ckpt.load_torch(local / ckpt.rng_file(self.rank)))
-        # Every old rank's data state: with another world size, counters move to rank 0.
-        self.train_stream.load_state_dict([ckpt.load_json(local / ckpt.data_file(r)) for r in range(old_world)])
-        self.step = step
-        log.info("resumed from %s (step %d)", uri, step)
+        self.step = loop_state.restore(self._state(), found, self.rank)
+        log.info("resumed from %s (step %d)", found.uri, self.step)
+
+    def _state(self) -> loop_state.LoopState:
+        return loop_state.LoopState(self.models.policy, self.acc.unwrap_model(self.models.policy), self.optimizer,
+                                    self.scheduler, self.train_stream, self.fsdp)
 
     def _snapshot(self) -> ckpt.Snapshot:
-        model = self.acc.unwrap_model(self.models.policy)
-        files: dict[str, Any] = {
-            ckpt.rng_file(self.rank): ckpt.torch_file(ckpt.rng_state()),
-            ckpt.data_file(self.rank): ckpt.json_file(self.train_stream.state_dict()),
-        }
-        # FSDP: every rank writes its own shards of weights and optimizer state (DCP, a collective
-        # run by the writer on this thread); nothing is gathered.
-        if self.fsdp:
-            policy, optimizer = self.models.policy, self.optimizer
-            files[ckpt.SHARDED_DIR] = lambda p: save_sharded(policy, optimizer, p)
-        if self.rank == 0:
-            if not self.fsdp:
-                weights = ckpt.trainable_state(model)
-                files[ckpt.weights_file(model)] = lambda p: ckpt.save_trainable_state(weights, p)
-                files[ckpt.OPTIMIZER] = ckpt.torch_file(self.optimizer.state_dict())
-            files[ckpt.SCHEDULER] = ckpt.torch_file(self.scheduler.state_dict())
-            files[ckpt.TRAINER_STATE] = ckpt.json_file(
-                {"step": self.step, "world_size": self.world, "total_steps": self.total_steps}
-            )
-        return ckpt.Snapshot(self.step, self.rank, files)
+        return loop_state.snapshot(self._state(), self.step, self.rank, self.world, self.total_steps)
 
     def save_checkpoint(self, wait: bool = False) -> None:
         if self.writer is None:
@@ -250,9 +217,8 @@ class Trainer:
         """(stop now, checkpoint by time): one tiny all-reduce so every rank acts on the same step."""
         every = self.cfg.checkpoint.every_minutes
         due = every is not None and time.monotonic() - self.last_checkpoint_time >= every * 60
-        flags = torch.tensor([float(self.stop.requested), float(due)], device=self.acc.device)
-        flags = self.acc.reduce(flags, reduction="sum")
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+        stop, checkpoint = collectives.any_rank(self.acc, self.stop.requested, due)
+        return stop, checkpoint
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -266,7 +232,7 @@ class Trainer:
         """
         t = self.cfg.training
         real = [int((b["weight"] > 0).sum()) for b in batches]  # pairs that count, per micro-batch
-        if self._sum_over_ranks(float(sum(real))) == 0:
+        if collectives.sum_over_ranks(self.acc, float(sum(real))) == 0:
             self.scheduler.step()
             return None
         if t.packing is not None:
@@ -293,7 +259,7 @@ class Trainer:
             self.metrics.inc("tokens", batch["num_tokens"])
             self.tokens_total += batch["num_tokens"]
         self.scheduler.step()
-        values = self._mean_over_ranks(sums, float(sum(real)), torch.stack(logits))
+        values = collectives.mean_over_ranks(self.acc, sums, float(sum(real)), torch.stack(logits))
         values.update(grad_norm=grad_norm, learning_rate=self.scheduler.get_last_lr()[0], beta=beta)
         return values
 
@@ -303,21 +269,6 @@ class Trainer:
             grads = [p.grad for p in self.models.policy.parameters() if p.grad is not None]
             return float(torch.linalg.vector_norm(torch.stack([_full(g.norm()) for g in grads])))
         return float(_full(self.acc.clip_grad_norm_(self.models.policy.parameters(), max_norm)))
-
-    def _mean_over_ranks(self, sums: dict[str, float], pairs: float,
-                         logit_totals: torch.Tensor) -> dict[str, float]:
-        """Per-pair metrics averaged over the real pairs of all ranks (`sums` are pair-weighted), and
-        logits/* from the micro-batches' token totals, in one all-reduce. With full batches this is
-        TRL's mean over micro-batches and ranks; summing the totals keeps their ratio the global
-        token mean TRL logs."""
-        keys = sorted(sums)
-        t = torch.cat([torch.tensor([sums[k] for k in keys] + [pairs], dtype=torch.float64, device=self.acc.device),
-                       logit_totals.to(self.acc.device, torch.float64).flatten()])
-        t = self.acc.reduce(t, reduction="sum")
-        total = float(t[len(keys)])
-        out = {k: v / total for k, v in zip(keys, t[:len(keys)].tolist(), strict=True)}
-        out.update(logits_from_totals(t[len(keys) + 1:]))
-        return out
 
     def evaluate(self) -> dict[str, float]:
         if not self.cfg.data.eval:
@@ -388,7 +339,7 @@ class Trainer:
         summary = {"step": self.step, "total_steps": self.total_steps, "skipped_steps": self.skipped_steps,
                    "train": values, "eval": eval_values,
                    "eval_at_start": eval_start, "data": self._data_totals(),
-                   "storage": {"s3_retries": self._sum_over_ranks(float(storage.retry_count()))},
+                   "storage": {"s3_retries": int(collectives.sum_over_ranks(self.acc, float(storage.retry_count())))},
                    "seconds": round(time.monotonic() - self.started, 2), "config": self.cfg.to_wire(),
                    "timing": {"step_seconds": self.step_times, "peak_memory_bytes": peak_memory_bytes()},
                    "memory": self.memory}
@@ -406,35 +357,12 @@ class Trainer:
             out["evalRewardAccuracy"] = summary["eval"]["eval_rewards_accuracies"]
         return out
 
-    def _memory_per_rank(self, rss_before: int) -> dict[str, Any]:
-        """Per-rank bytes of policy and reference parameters held locally (FSDP: shards) and host
-        RSS growth while loading, gathered to every rank: what sharding and rank-0 loading save."""
-        ref = self.models.reference
-        mine = [dist_cfg.local_bytes(self.models.policy), dist_cfg.local_bytes(ref),
-                dist_cfg.host_rss_bytes() - rss_before, dist_cfg.peak_rss_bytes() - rss_before]
-        rows = self.acc.gather(torch.tensor([mine], dtype=torch.float64, device=self.acc.device)).tolist()
-        keys = ("policy_local_bytes", "reference_local_bytes", "load_rss_growth_bytes", "load_peak_rss_growth_bytes")
-        out: dict[str, Any] = {k: [int(r[i]) for r in rows] for i, k in enumerate(keys)}
-        out["policy_full_bytes"] = dist_cfg.full_bytes(self.models.policy)
-        out["reference_full_bytes"] = dist_cfg.full_bytes(ref)
-        log.info("memory per rank: %s", json.dumps(out))
-        return out
-
-    def _gather_int(self, value: int) -> list[int]:
-        t = torch.tensor([value], dtype=torch.int64, device=self.acc.device)
-        return [int(v) for v in self.acc.gather(t).tolist()]
-
-    def _sum_over_ranks(self, value: float) -> int:
-        t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
-        return int(self.acc.reduce(t, reduction="sum").item())
-
     def _data_totals(self) -> dict[str, int]:
         """Data stats summed over ranks: what was read, skipped and truncated (never silent)."""
         st = self.train_stream.stats
         keys = ("rows", "bad_records", "truncated_prompts", "truncated_responses")
-        t = torch.tensor([float(getattr(st, k)) for k in keys], dtype=torch.float64, device=self.acc.device)
-        t = self.acc.reduce(t, reduction="sum")
-        return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
+        sums = collectives.sum_each(self.acc, [float(getattr(st, k)) for k in keys])
+        return {k: int(v) for k, v in zip(keys, sums, strict=True)}
 
     def _sync_counters(self) -> int:
         """Only rank 0 serves metrics, so its data counters carry the whole job's totals: every
@@ -442,7 +370,7 @@ class Trainer:
         totals = self._data_totals()
         for key in ("bad_records", "truncated_prompts", "truncated_responses"):
             self.metrics.sync_counter(key, totals[key])
-        job_tokens = self._sum_over_ranks(self.tokens_total)
+        job_tokens = int(collectives.sum_over_ranks(self.acc, self.tokens_total))
         self.metrics.sync_counter("job_tokens", job_tokens)
         return job_tokens
 
@@ -464,18 +392,6 @@ class Trainer:
         self.acc.wait_for_everyone()
 
 
-def _shard_needs(policy: torch.nn.Module, optimizer: Any) -> ckpt.Needs:
-    """FSDP: of a checkpoint's sharded/ folder, .metadata and the DCP files of this rank's pieces."""
-    needed = shard_files_needed(policy, optimizer)
-    meta = f"{ckpt.SHARDED_DIR}/.metadata"
-
-    def needs(found: ckpt.Verified) -> set[str]:
-        found.fetch({meta})
-        return {meta} | {f"{ckpt.SHARDED_DIR}/{name}" for name in needed(found.local / ckpt.SHARDED_DIR)}
-
-    return needs
-
-
 def index_uri(cfg: TrainerConfig) -> str | None:
     """Where the shard index lives: data.indexUri, else beside the checkpoints (shared by attempts)."""
     if cfg.data.index_uri:
@@ -488,25 +404,6 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _log_distributed_type(acc: Accelerator, spec_fsdp: bool = False) -> None:
-    """Say which parallelism accelerate chose; warn when FSDP was asked for and not granted.
-
-    accelerate (1.15) turns `ACCELERATE_USE_FSDP`/`accelerate launch --use_fsdp` into FSDP only on
-    GPU-type backends: on CPU (gloo) it silently runs DDP (MULTI_CPU) instead.
-    """
-    kind = acc.distributed_type
-    if kind == DistributedType.FSDP:
-        log.info("distributed: FSDP%d over %d processes", 2 if acc.is_fsdp2 else 1, acc.num_processes)
-    else:
-        log.info("distributed: %s over %d processes", kind.value, acc.num_processes)
-        if spec_fsdp:
-            log.warning("training.distributed.strategy is fsdp but accelerate runs %s: it enables FSDP only on "
-                        "GPU-type devices; training continues with replicated weights", kind.value)
-        elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            log.warning("FSDP was requested (ACCELERATE_USE_FSDP) but accelerate runs %s: it enables FSDP "
-                        "only on GPU-type devices; training continues with replicated weights", kind.value)
-
-
 def fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
     """The fused AdamW kernel: one pass per step instead of a dozen foreach ops.
 
@@ -514,12 +411,3 @@ def fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
     BENCHMARKS.md); TRL uses it by default too. It needs floating-point params on CPU or CUDA.
     """
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-
-
-def peak_memory_bytes() -> int:
-    """Peak CUDA memory allocated on GPU; peak resident set size of this process on CPU."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
